@@ -1,0 +1,1 @@
+"""The student model: building, loading, prompting and sampling from it."""

@@ -1,0 +1,95 @@
+"""Experiment tracking: one W&B run per job, and the same figures as files in the run folder.
+
+W&B is offline unless WANDB_API_KEY is set (or logger.mode says otherwise); `logger=none`
+keeps only the files. wandb is imported only when a W&B run is started.
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from stat_exp.config import mask_secrets
+
+log = logging.getLogger(__name__)
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    """The resolved config as plain data with secrets masked: what may be saved or logged."""
+    return mask_secrets(OmegaConf.to_container(cfg, resolve=True))
+
+
+class Tracker:
+    """Collects metrics for `metrics.json` and mirrors them to W&B when a run is active."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.metrics: dict[str, Any] = {}
+        self.wandb_run = None
+        if cfg.logger.name == "wandb":
+            self.wandb_run = _start_wandb(cfg, self.run_dir)
+        elif cfg.logger.name != "none":
+            raise ValueError(f"unknown logger {cfg.logger.name!r}; choose wandb or none")
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        """Record flat `a/b/c` metrics: nested into metrics.json, flat into W&B."""
+        for name, value in metrics.items():
+            node = self.metrics
+            *parents, leaf = name.split("/")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics)
+
+    def table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """A table for W&B (`wandb.Table`) and as `<name>.csv`-like JSON rows in the run folder."""
+        path = self.run_dir / "tables" / f"{name.replace('/', '.')}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"columns": list(columns), "rows": [list(r) for r in rows]}, indent=1))
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({name: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+
+    def finish(self) -> Path:
+        path = self.run_dir / "metrics.json"
+        path.write_text(json.dumps(self.metrics, indent=2, default=str))
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(_flatten(self.metrics))
+            self.wandb_run.finish()
+            self.wandb_run = None
+        return path
+
+
+def _start_wandb(cfg: DictConfig, run_dir: Path):
+    import wandb
+
+    mode = cfg.logger.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    run = wandb.init(
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        group=cfg.experiment_name,
+        name=run_dir.name,
+        tags=list(cfg.logger.tags),
+        config=resolved_config(cfg),
+        dir=str(run_dir),
+        mode=mode,
+        reinit="finish_previous",  # a multirun job never writes into the previous job's run
+    )
+    log.info("W&B run %s (%s) in %s", run.id, mode, run_dir)
+    return run
+
+
+def _flatten(node: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "/"))
+        else:
+            flat[name] = value
+    return flat

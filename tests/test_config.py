@@ -1,0 +1,66 @@
+"""The real config composes for every group option, and bad overrides fail clearly."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from stat_exp.config import MASK, mask_secrets, register_configs
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ["task", "model", "generator", "eval", "variant", "logger", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_config(*overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes(group, option):
+    cfg = compose_config(f"{group}={option}")
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    if group in ("task", "model", "variant", "logger"):
+        assert cfg[group].name == option
+
+
+def test_model_presets_name_the_papers_students():
+    assert compose_config("model=qwen").model.hub_id == "Qwen/Qwen2.5-3B"
+    assert compose_config("model=llama").model.hub_id == "meta-llama/Llama-3.2-3B-Instruct"
+    tiny = compose_config("model=tiny").model
+    assert tiny.hub_id is None and tiny.tiny.num_layers >= 1
+
+
+def test_misspelled_key_fails_naming_it():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("eval.limt=3")
+    assert "limt" in str(err.value.__cause__ or err.value)
+
+
+def test_wrong_type_fails_naming_the_value():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("eval.samples=many")
+    assert "many" in str(err.value.__cause__ or err.value)
+
+
+def test_unknown_group_option_fails():
+    with pytest.raises(ConfigCompositionException, match="model/qwn"):
+        compose_config("model=qwn")
+
+
+def test_secrets_are_masked_but_sampling_fields_kept():
+    cfg = {"teacher": {"api_key": "sk-live", "max_tokens": 512, "hf_token": "hf_x", "base": {"secret": None}},
+           "model": {"tiny": {"tokenizer_corpus_size": 10}}}
+    masked = mask_secrets(cfg)
+    assert masked["teacher"]["api_key"] == MASK and masked["teacher"]["hf_token"] == MASK
+    assert masked["teacher"]["max_tokens"] == 512
+    assert masked["teacher"]["base"]["secret"] is None
+    assert masked["model"]["tiny"]["tokenizer_corpus_size"] == 10
+    assert cfg["teacher"]["api_key"] == "sk-live"  # the original is untouched
