@@ -1,0 +1,171 @@
+"""Loading a task's training pool and benchmarks into one row schema.
+
+A row is a plain dict: id (str), problem (str), solution (str, "" when the source has none),
+answer (str), subject (str | None), level (int | None), and skills (list[str]) when the
+source labels them. Sources are local JSONL files under `task.data_dir`, or Hugging Face
+datasets when it is null; `DataSource.fields` maps their field names onto ours.
+"""
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from stat_exp.config import DataSource, TaskConfig
+from stat_exp.grading import extract_boxed
+
+_ANSWER_FORMATS = ("boxed", "gsm8k")
+_FIELDS = ("id", "unique_id", "problem", "solution", "answer", "subject", "level", "skills")
+
+
+class DataError(ValueError):
+    """A source row that cannot become a row of our schema; says where it is and why."""
+
+    def __init__(self, origin: str, line: int, message: str) -> None:
+        super().__init__(f"{origin}:{line}: {message}")
+        self.origin, self.line = origin, line
+
+
+def load_source(source: DataSource, data_dir: str | None, name: str) -> list[dict]:
+    """The rows of one source: the JSONL file `data_dir/source.path`, or the hub dataset
+    when `data_dir` is None. `name` prefixes the ids of rows that have none."""
+    if source.answer_format not in _ANSWER_FORMATS:
+        raise ValueError(f"{name}: answer_format must be one of {_ANSWER_FORMATS}, got {source.answer_format!r}")
+    if data_dir is not None:
+        if source.path is None:
+            raise ValueError(f"{name} is hub-only ({source.hub_id}): it has no local file; "
+                             "load it with task.data_dir=null")
+        path = Path(data_dir) / source.path
+        if not path.is_file():
+            raise FileNotFoundError(f"{name}: no data file at {path}")
+        origin, records = str(path), _read_jsonl(path)
+    else:
+        if source.hub_id is None:
+            raise ValueError(f"{name} has no hub_id: set task.data_dir to load it from {source.path}")
+        import datasets  # heavy: only when a hub source is actually loaded
+
+        dataset = datasets.load_dataset(source.hub_id, source.hub_config, split=source.split)
+        origin, records = f"{source.hub_id}[{source.split}]", enumerate(dataset, start=1)
+    keys = _source_keys(dict(source.fields))
+    return [_to_row(record, keys, source.answer_format, origin, line, f"{name}-{index}")
+            for index, (line, record) in enumerate(records)]
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, record) for each non-blank line."""
+    with path.open(encoding="utf-8") as file:
+        for line, text in enumerate(file, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DataError(str(path), line, f"invalid JSON ({error.msg})") from error
+            if not isinstance(record, dict):
+                raise DataError(str(path), line, f"expected a JSON object, got {type(record).__name__}")
+            yield line, record
+
+
+def _source_keys(fields: dict[str, str]) -> dict[str, str | None]:
+    """Our field -> the source field it comes from (None: the source has no such field).
+
+    A source field renamed to one of ours is not also read under its own name: gsm8k's
+    `answer` is its worked solution, and its final answer is extracted from it.
+    """
+    claimed = set(fields.values())
+    return {ours: fields.get(ours, None if ours in claimed else ours) for ours in _FIELDS}
+
+
+def _to_row(record: dict, keys: dict[str, str | None], answer_format: str, origin: str,
+            line: int, default_id: str) -> dict:
+    def get(field: str) -> Any:
+        key = keys[field]
+        return None if key is None else record.get(key)
+
+    problem = get("problem")
+    if not isinstance(problem, str) or not problem.strip():
+        raise DataError(origin, line, f"missing field 'problem' (source field {keys['problem']!r})")
+    solution = get("solution") or ""
+    answer = _render_answer(get("answer"))
+    if answer is None:
+        answer = _answer_from_solution(solution, answer_format)
+    if answer is None:
+        raise DataError(origin, line, f"missing field 'answer' (source field {keys['answer']!r}), "
+                                      f"and no {answer_format} answer in the solution")
+    row_id = get("unique_id")
+    if row_id is None:
+        row_id = get("id")
+    row = {
+        "id": default_id if row_id is None else str(row_id),
+        "problem": problem,
+        "solution": str(solution),
+        "answer": answer,
+        "subject": get("subject"),
+        "level": _parse_level(get("level"), origin, line),
+    }
+    skills = get("skills")
+    if skills is not None:
+        row["skills"] = [str(skill) for skill in skills]
+    return row
+
+
+def _render_answer(value: Any) -> str | None:
+    """A source answer as text; numbers as written by a person (27.0 -> "27")."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def _answer_from_solution(solution: str, answer_format: str) -> str | None:
+    if answer_format == "boxed":
+        return extract_boxed(solution) or None
+    _, marker, tail = solution.rpartition("####")  # gsm8k: "... #### 1,234"
+    if not marker:
+        return None
+    return tail.strip().replace(",", "") or None
+
+
+def _parse_level(value: Any, origin: str, line: int) -> int | None:
+    """MATH writes "Level 3" (and "Level ?" for a few unrated problems); MATH500 writes 3."""
+    if value is None or value == "Level ?":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = re.fullmatch(r"(?:Level\s*)?(\d+)", str(value).strip())
+    if match is None:
+        raise DataError(origin, line, f"unreadable level {value!r}")
+    return int(match.group(1))
+
+
+def load_train_val(task: TaskConfig) -> tuple[list[dict], list[dict]]:
+    """The training pool split into (train, validation): `task.val_size` rows drawn with
+    `task.split_seed`, so the same seed always holds out the same questions."""
+    pool = load_source(task.train, task.data_dir, f"{task.name}-train")
+    if not 0 <= task.val_size <= len(pool):
+        raise ValueError(f"val_size {task.val_size} must be between 0 and the pool's {len(pool)} rows")
+    held_out = set(random.Random(task.split_seed).sample(range(len(pool)), task.val_size))
+    train = [row for i, row in enumerate(pool) if i not in held_out]
+    val = [row for i, row in enumerate(pool) if i in held_out]
+    return train, val
+
+
+def load_benchmark(task: TaskConfig, name: str, limit: int | None = None) -> list[dict]:
+    """The first `limit` rows (all when None) of the benchmark `name` of `task.benchmarks`."""
+    if name not in task.benchmarks:
+        raise ValueError(f"unknown benchmark {name!r}; {task.name} has {sorted(task.benchmarks)}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    rows = load_source(task.benchmarks[name], task.data_dir, name)
+    return rows if limit is None else rows[:limit]
+
+
+def fingerprint(rows: list[dict]) -> str:
+    """A short content hash of rows, for artifact cache keys: any change to any row changes it."""
+    canonical = json.dumps(rows, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]

@@ -1,0 +1,218 @@
+import json
+import logging
+import multiprocessing
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from stat_exp import grading
+from stat_exp.grading import Grade, extract_boxed, grade, normalize_answer, strict_match, verify_answer
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Parsed and compared quickly; math-verify's timeouts (signal.alarm, whole seconds) stop it.
+ADVERSARIAL = r"10^{10^{10^{10}}}"
+
+
+def math500() -> list[dict]:
+    with (DATA / "math500" / "test.jsonl").open() as file:
+        return [json.loads(line) for line in file]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"so $\boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
+        (r"$\boxed{\sqrt{\frac{a}{b^{2}}}}$", r"\sqrt{\frac{a}{b^{2}}}"),
+        (r"first \boxed{1}, then \boxed{2}", "2"),
+        (r"the answer is \fbox{7} minutes", "7"),
+        (r"\boxed{1} and finally \fbox{x+1}", "x+1"),
+        (r"$\boxed 5$ apples", "5"),
+        (r"\boxed {12}", "12"),
+        (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
+        ("no box here", None),
+        (r"\boxed{\frac{1}{2}", None),
+        (r"\boxed{3} then \boxed{4", None),
+        (r"\boxedx{3}", None),
+    ],
+)
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("gold", "pred"),
+    [
+        (r"\frac{1}{2}", r"\dfrac{1}{2}"),
+        (r"\frac{1}{2}", r"\tfrac{1}{2}"),
+        ("27", "27.0"),
+        ("27", "$27$."),
+        ("90", r"90^\circ"),
+        ("90", r"90^{\circ}"),
+        (r"10\text{ cm}", "10 cm"),
+        (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),
+        (r"3\,000", "3000"),
+        (r"x\!+\!1", "x + 1"),
+    ],
+)
+def test_strict_match_ignores_notation(gold, pred):
+    assert strict_match(gold, pred)
+
+
+@pytest.mark.parametrize(
+    ("gold", "pred"),
+    [
+        (r"\frac{1}{2}", "0.5"),  # equal values, different strings: strict says no
+        ("27", "27.5"),
+        ("27", "270"),
+        ("2", "x=2"),
+        ("5", None),
+        ("", ""),
+    ],
+)
+def test_strict_match_is_strict(gold, pred):
+    assert not strict_match(gold, pred)
+
+
+def test_normalize_answer():
+    assert normalize_answer(r" $\dfrac{3}{4}$. ") == r"\frac{3}{4}"
+    assert normalize_answer("-12.00") == "-12"
+    assert normalize_answer("12.50") == "12.50"
+
+
+@pytest.mark.parametrize(
+    ("gold", "pred", "expected"),
+    [
+        (r"\frac12", "0.5", True),
+        (r"\dfrac{1}{2}", r"\frac{1}{2}", True),
+        (r"(-\infty, 2]", r"(-\infty,2]", True),
+        (r"[1, 3)", "[1,3]", False),
+        (r"\{1,2\}", r"\{2,1\}", True),
+        (r"\frac{\sqrt{2}}{2}", r"\sqrt2/2", True),
+        (r"\text{Evelyn}", r"\text{Evelyn}", True),
+        ("3", "4", False),
+        (r"\frac{1}{2}", r"\frac{1}{3}", False),
+        ("3", None, False),
+    ],
+)
+def test_verify_answer(gold, pred, expected):
+    assert verify_answer(gold, pred) is expected
+
+
+def test_verify_answer_accepts_fractional_timeout():
+    # math-verify's alarms take whole seconds and silently fail every answer given a float.
+    assert verify_answer(r"\frac12", "0.5", timeout=0.5)
+
+
+@pytest.mark.parametrize(
+    "garbage", ["", "}", "{{{", r"\frac{", r"\left(", "x^^", "\\", "\x00", r"\boxed{", "$$$", "∞" * 50]
+)
+def test_verify_answer_never_raises(garbage):
+    assert verify_answer("5", garbage) is False
+    assert verify_answer(garbage, "5") is False
+
+
+def test_verify_answer_needs_main_thread():
+    errors = []
+
+    def call():
+        try:
+            verify_answer("1", "1")
+        except RuntimeError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1
+
+
+def test_math500_reference_answers_verify():
+    """The last \\boxed{} of each reference solution is its gold answer, by math-verify."""
+    rows = math500()
+    assert len(rows) == 500
+    failures = [
+        (row["unique_id"], row["answer"], extract_boxed(row["solution"]))
+        for row in rows
+        if not verify_answer(row["answer"], extract_boxed(row["solution"]))
+    ]
+    for failure in failures:
+        print("MATH500 answer does not verify:", failure)
+    rate = 1 - len(failures) / len(rows)
+    print(f"MATH500 verify rate: {rate:.4f}")
+    assert rate >= 0.99
+
+
+def test_math500_wrong_answers_rejected():
+    """Each gold against the next row's gold: math-verify must not accept unrelated answers."""
+    answers = [row["answer"] for row in math500()]
+    accepted = [
+        (gold, pred)
+        for gold, pred in zip(answers, answers[1:] + answers[:1])
+        if gold != pred and verify_answer(gold, pred)
+    ]
+    assert len(accepted) <= 5, accepted
+
+
+@pytest.fixture(scope="module")
+def mixed_answers() -> tuple[list[str], list[str | None]]:
+    """60 MATH500 golds: right answers, wrong answers (the next gold) and missing ones."""
+    rows = math500()[:60]
+    golds = [row["answer"] for row in rows]
+    preds = [
+        extract_boxed(row["solution"]) if i % 3 == 0 else golds[(i + 1) % 60] if i % 3 == 1 else None
+        for i, row in enumerate(rows)
+    ]
+    return golds, preds
+
+
+def test_grade_inline(mixed_answers):
+    golds, preds = mixed_answers
+    grades = grade(golds, preds, progress=False)
+    assert [g.correct for g in grades][:6] == [True, False, False, True, False, False]
+    assert sum(g.correct for g in grades) >= 20
+    assert all(g == Grade(True, True) for g in grades[::3])
+
+
+def test_grade_pool_matches_inline(mixed_answers):
+    golds, preds = mixed_answers
+    assert grade(golds, preds, workers=2, progress=False) == grade(golds, preds, progress=False)
+
+
+def test_grade_from_a_thread_uses_pool(mixed_answers):
+    golds, preds = mixed_answers
+    results = {}
+    thread = threading.Thread(target=lambda: results.update(grades=grade(golds, preds, progress=False)))
+    thread.start()
+    thread.join()
+    assert results["grades"] == grade(golds, preds, progress=False)
+
+
+def test_grade_checks_lengths():
+    with pytest.raises(ValueError, match="2 gold answers but 1"):
+        grade(["1", "2"], ["1"], progress=False)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_grade_adversarial_is_bounded_and_incorrect(workers):
+    start = time.monotonic()
+    grades = grade(["5", "5"], [ADVERSARIAL, "5"], workers=workers, timeout=1, progress=False)
+    assert grades == [Grade(False, False), Grade(True, True)]
+    assert time.monotonic() - start < grading.wall_limit(1)
+
+
+def test_grade_tears_down_a_stuck_pool(monkeypatch, caplog):
+    """An answer over the wall limit counts as incorrect and the pool is replaced.
+
+    math-verify's alarms stop every slow input we found, so the wall limit is set below
+    its 2 s timeout to make the adversarial answer overstay it.
+    """
+    monkeypatch.setattr(grading, "wall_limit", lambda timeout: 1.0)
+    caplog.set_level(logging.WARNING, logger=grading.__name__)
+    start = time.monotonic()
+    grades = grade(["5", "5", r"\frac12"], [ADVERSARIAL, "5", "0.5"], workers=2, timeout=2, progress=False)
+    assert [g.correct for g in grades] == [False, True, True]
+    assert time.monotonic() - start < 30
+    assert "answer 0 unchecked" in caplog.text
+    assert multiprocessing.active_children() == []  # the stuck pool's workers are gone

@@ -1,0 +1,173 @@
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from stat_exp.config import DataSource, TaskConfig
+from stat_exp.tasks import DataError, fingerprint, load_benchmark, load_source, load_train_val
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+SUBJECTS = {
+    "Algebra", "Intermediate Algebra", "Prealgebra", "Precalculus",
+    "Number Theory", "Geometry", "Counting & Probability",
+}
+
+
+@pytest.fixture
+def task():
+    """The real math task config, on the local data."""
+    config = OmegaConf.merge(OmegaConf.structured(TaskConfig), OmegaConf.load(ROOT / "conf" / "task" / "math.yaml"))
+    config.data_dir = str(DATA)
+    return config
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_math_train_rows(task):
+    rows = load_source(task.train, task.data_dir, "math-train")
+    assert len(rows) == 4500
+    assert rows[0] == {
+        "id": "math-train-0",
+        "problem": "How many vertical asymptotes does the graph of $y=\\frac{2}{x^2+x-6}$ have?",
+        "solution": rows[0]["solution"],
+        "answer": "2",
+        "subject": "Algebra",
+        "level": 3,
+    }
+    assert rows[2]["answer"] == r"\dfrac{9}{7}"
+    assert {row["subject"] for row in rows} == SUBJECTS
+    assert {row["level"] for row in rows} == {1, 2, 3, 4, 5}
+    assert len({row["id"] for row in rows}) == 4500
+
+
+def test_benchmarks(task):
+    math500 = load_benchmark(task, "math500")
+    assert len(math500) == 500
+    assert math500[0]["id"] == "test/precalculus/807.json"
+    assert math500[0]["answer"] == r"\left( 3, \frac{\pi}{2} \right)"
+    assert math500[0]["subject"] == "Precalculus" and math500[0]["level"] == 2
+
+    amc23 = load_benchmark(task, "amc23")
+    assert len(amc23) == 40
+    assert amc23[0]["answer"] == "27"  # written 27.0 in the file
+    assert amc23[0]["solution"] == "" and amc23[0]["id"] == "0"
+    assert all(row["answer"].lstrip("-").isdigit() for row in amc23)
+
+    aime24 = load_benchmark(task, "aime24", limit=3)
+    assert [row["answer"] for row in aime24] == ["204", "113", "371"]
+    assert aime24[0]["level"] is None and aime24[0]["subject"] is None
+
+
+def test_validation_split(task):
+    train, val = load_train_val(task)
+    assert (len(train), len(val)) == (4000, 500)
+    train_ids, val_ids = {row["id"] for row in train}, {row["id"] for row in val}
+    assert not train_ids & val_ids
+    assert len(train_ids | val_ids) == 4500
+    assert load_train_val(task) == (train, val)  # same seed, same split
+    task.split_seed = 1
+    assert {row["id"] for row in load_train_val(task)[1]} != val_ids
+
+
+def test_validation_larger_than_pool(task):
+    task.val_size = 4501
+    with pytest.raises(ValueError, match="4501"):
+        load_train_val(task)
+
+
+def test_missing_problem_names_file_line_and_field(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [
+        json.dumps({"problem": "1+1?", "answer": "2"}),
+        "",
+        json.dumps({"question": "2+2?", "answer": "4"}),
+    ])
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: missing field 'problem'")):
+        load_source(DataSource(path="bad.jsonl"), str(tmp_path), "bad")
+
+
+def test_missing_answer_names_file_line_and_field(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [
+        json.dumps({"problem": "1+1?", "solution": r"It is $\boxed{2}$."}),
+        json.dumps({"problem": "2+2?", "solution": "It is 4."}),
+    ])
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: missing field 'answer'")):
+        load_source(DataSource(path="bad.jsonl"), str(tmp_path), "bad")
+
+
+def test_invalid_json_names_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", ['{"problem": "1+1?", "answer": "2"}', '{"problem": '])
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: invalid JSON")):
+        load_source(DataSource(path="bad.jsonl"), str(tmp_path), "bad")
+
+
+def test_gsm8k_format(tmp_path):
+    """gsm8k's `answer` field is the worked solution; the answer follows '####'."""
+    write_jsonl(tmp_path / "gsm8k.jsonl", [json.dumps({"question": "How many?", "answer": "6*2=12\n#### 1,234"})])
+    source = DataSource(path="gsm8k.jsonl", fields={"problem": "question", "solution": "answer"},
+                        answer_format="gsm8k")
+    [row] = load_source(source, str(tmp_path), "gsm8k")
+    assert row == {"id": "gsm8k-0", "problem": "How many?", "solution": "6*2=12\n#### 1,234",
+                   "answer": "1234", "subject": None, "level": None}
+
+
+def test_levels_and_skills(tmp_path):
+    write_jsonl(tmp_path / "rows.jsonl", [
+        json.dumps({"problem": "a", "answer": "1", "level": "Level ?", "skills": ["algebra"]}),
+        json.dumps({"problem": "b", "answer": 2, "level": "Level 5"}),
+    ])
+    first, second = load_source(DataSource(path="rows.jsonl"), str(tmp_path), "rows")
+    assert (first["level"], first["skills"]) == (None, ["algebra"])
+    assert (second["level"], second["answer"]) == (5, "2")
+    assert "skills" not in second
+
+
+def test_unreadable_level(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [json.dumps({"problem": "c", "answer": "3", "level": "hard"})])
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: unreadable level 'hard'")):
+        load_source(DataSource(path="rows.jsonl"), str(tmp_path), "rows")
+
+
+def test_unknown_benchmark(task):
+    with pytest.raises(ValueError, match=r"unknown benchmark 'math5000'.*'aime24', 'amc23', 'gsm8k', 'math500'"):
+        load_benchmark(task, "math5000")
+
+
+def test_hub_only_benchmark_with_data_dir(task):
+    with pytest.raises(ValueError, match="gsm8k is hub-only"):
+        load_benchmark(task, "gsm8k")
+
+
+def test_missing_data_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.jsonl"))):
+        load_source(DataSource(path="nope.jsonl"), str(tmp_path), "nope")
+
+
+def test_fingerprint(task):
+    rows = load_benchmark(task, "math500", limit=20)
+    assert fingerprint(rows) == fingerprint(load_benchmark(task, "math500", limit=20))
+    assert fingerprint(rows) == fingerprint([dict(reversed(list(row.items()))) for row in rows])
+    changed = [dict(row) for row in rows]
+    changed[7]["answer"] += "0"
+    assert fingerprint(changed) != fingerprint(rows)
+    assert fingerprint(rows[:19]) != fingerprint(rows)
+    assert len(fingerprint(rows)) == 16
+
+
+def test_dataclass_config_works_too():
+    task = TaskConfig(name="t", data_dir=str(DATA), benchmarks={"amc23": DataSource(
+        path="amc23/test.jsonl", fields={"problem": "question"})})
+    assert [row["answer"] for row in load_benchmark(task, "amc23", limit=2)] == ["27", "36"]
+
+
+def test_import_is_light():
+    code = "import sys, stat_exp.tasks; print(sorted({'datasets', 'torch', 'sympy'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
