@@ -27,13 +27,24 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def build_tiny_model(cfg: TinyModelConfig, corpus: Sequence[str], out_dir: Path) -> None:
     """Train a byte-level BPE tokenizer on `corpus`, build a seeded Qwen2 of `cfg`'s sizes, save both."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (
+        GenerationConfig,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen2Tokenizer,
+    )
 
     special_tokens = [EOS_TOKEN, PAD_TOKEN, IM_START, IM_END]
+    # AutoTokenizer loads every qwen2 checkpoint as Qwen2Tokenizer, which rebuilds its own normalizer and
+    # pre-tokenizer around the saved vocab and merges: train with that same pipeline so that the reloaded
+    # tokenizer splits text exactly as the trained one did.
+    qwen_pipeline = Qwen2Tokenizer().backend_tokenizer
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
+    bpe.normalizer = qwen_pipeline.normalizer
+    bpe.pre_tokenizer = qwen_pipeline.pre_tokenizer
+    bpe.decoder = qwen_pipeline.decoder
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
         special_tokens=special_tokens,
@@ -46,7 +57,7 @@ def build_tiny_model(cfg: TinyModelConfig, corpus: Sequence[str], out_dir: Path)
         tokenizer_object=bpe,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
-        additional_special_tokens=[IM_START, IM_END],
+        extra_special_tokens=[IM_START, IM_END],  # v5 name of additional_special_tokens
         chat_template=CHATML_TEMPLATE,
         padding_side="left",
     )

@@ -1,0 +1,124 @@
+"""Sampling completions from a model: transformers on CPU or one GPU, or vLLM on GPUs.
+
+Both backends sample the same way: only temperature and top_p shape the distribution (no top-k, no
+repetition penalty from the checkpoint's defaults), and temperature 0 means one greedy completion.
+"""
+
+from typing import Any, Protocol, Sequence
+
+from stat_exp.config import GeneratorConfig
+from stat_exp.student.models import load_model, load_tokenizer
+
+BACKENDS = ("hf", "vllm")
+
+
+class Generator(Protocol):
+    def generate(
+        self, prompts: Sequence[str], *, n: int, temperature: float, top_p: float, max_tokens: int, seed: int
+    ) -> list[list[str]]:
+        """n completions per prompt, in prompt order: the completion text only, special tokens stripped."""
+        ...
+
+
+def make_generator(
+    cfg: GeneratorConfig, model_path: str, *, dtype: str = "auto", revision: str | None = None
+) -> Generator:
+    if cfg.backend == "hf":
+        return HFGenerator(cfg, model_path, dtype=dtype, revision=revision)
+    if cfg.backend == "vllm":
+        return VLLMGenerator(cfg, model_path, dtype=dtype, revision=revision)
+    raise ValueError(f"unknown generator backend {cfg.backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt with the tokenizer's special tokens, but never two BOS tokens in a row."""
+    bos = tokenizer.bos_token_id
+    encoded = tokenizer(list(prompts)).input_ids
+    # Chat templates such as Llama 3's write the BOS token themselves, and the tokenizer then adds another.
+    return [ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids for ids in encoded]
+
+
+class HFGenerator:
+    """transformers `generate`, a batch of `cfg.batch_size` prompts at a time."""
+
+    def __init__(self, cfg: GeneratorConfig, model_path: str, *, dtype: str = "auto", revision: str | None = None):
+        self.batch_size = cfg.batch_size
+        self.tokenizer = load_tokenizer(model_path, revision=revision)
+        self.model = load_model(model_path, dtype=dtype, device=cfg.device, revision=revision)
+
+    def generate(
+        self, prompts: Sequence[str], *, n: int, temperature: float, top_p: float, max_tokens: int, seed: int
+    ) -> list[list[str]]:
+        import torch
+        from tqdm import tqdm
+
+        sample = temperature > 0
+        per_prompt = n if sample else 1  # greedy completions are all the same: compute one, copy it
+        # generate() fills every unset knob from the checkpoint's generation_config (Qwen2.5-Instruct sets
+        # repetition_penalty=1.05 and top_k=20), so set each one that would change the completions.
+        settings: dict[str, Any] = dict(
+            max_new_tokens=max_tokens,
+            do_sample=sample,
+            num_return_sequences=per_prompt,
+            repetition_penalty=1.0,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        if sample:
+            settings.update(temperature=temperature, top_p=top_p, top_k=0)
+        encoded = encode_prompts(self.tokenizer, prompts)
+        # Batch prompts of similar length together so that little compute goes to padding.
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        completions: list[list[str]] = [[] for _ in prompts]
+        with tqdm(total=len(prompts), desc="generating", unit="prompt") as progress:
+            for batch_index, start in enumerate(range(0, len(order), self.batch_size)):
+                indices = order[start : start + self.batch_size]
+                batch = self.tokenizer.pad(
+                    {"input_ids": [encoded[i] for i in indices]}, padding=True, return_tensors="pt"
+                ).to(self.model.device)
+                torch.manual_seed(seed + batch_index)  # a fixed seed per batch: the same call gives the same text
+                output = self.model.generate(**batch, **settings)
+                texts = self.tokenizer.batch_decode(
+                    output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+                )
+                for position, i in enumerate(indices):
+                    own = texts[position * per_prompt : (position + 1) * per_prompt]
+                    completions[i] = own if sample else own * n
+                progress.update(len(indices))
+        return completions
+
+
+class VLLMGenerator:
+    """vLLM's offline engine; it schedules and batches all prompts itself."""
+
+    def __init__(self, cfg: GeneratorConfig, model_path: str, *, dtype: str = "auto", revision: str | None = None):
+        try:
+            import vllm
+        except ImportError as err:
+            raise ImportError(
+                "generator=vllm needs vLLM and a GPU: pip install -e '.[vllm]' (or use generator=hf)"
+            ) from err
+        self.llm = vllm.LLM(
+            model=model_path,
+            revision=revision,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            dtype=dtype,
+        )
+
+    def generate(
+        self, prompts: Sequence[str], *, n: int, temperature: float, top_p: float, max_tokens: int, seed: int
+    ) -> list[list[str]]:
+        from vllm import SamplingParams
+
+        sample = temperature > 0
+        params = SamplingParams(
+            n=n if sample else 1,  # greedy completions are all the same: compute one, copy it
+            temperature=temperature,
+            top_p=top_p if sample else 1.0,
+            max_tokens=max_tokens,
+            seed=seed,
+        )
+        # Token ids rather than text, so that both backends see the same tokens (no doubled BOS).
+        encoded = encode_prompts(self.llm.get_tokenizer(), prompts)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params)
+        return [[c.text for c in out.outputs] if sample else [out.outputs[0].text] * n for out in outputs]
