@@ -41,7 +41,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         evaluate_student(cfg, store, tracker, student, label="base")
     finally:
         tracker.metrics["stages"] = [vars(e) for e in store.events]
-        tracker.log({f"stages/{status}": sum(e.status == status for e in store.events) for status in ("computed", "reused")})
+        tracker.log({f"cache/{status}": sum(e.status == status for e in store.events) for status in ("computed", "reused")})
         metrics_path = tracker.finish()
     log.info("stages: %s", ", ".join(f"{e.stage} {e.status}" for e in store.events))
     log.info("metrics written to %s", metrics_path)

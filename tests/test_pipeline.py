@@ -1,0 +1,82 @@
+"""End to end: the eval-only preset on a slice of MATH500 with the tiny model, then a rerun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from hydra import compose, initialize_config_dir
+
+from stat_exp.config import MASK, register_configs
+from stat_exp.pipeline import run
+from wandb_records import logged
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SMALL = [
+    "experiment=eval_tiny",
+    f"task.data_dir={SHARED_DATA}",
+    "eval.limit=3",
+    "eval.max_tokens=16",
+    "model.tiny.hidden_size=32",
+    "model.tiny.intermediate_size=64",
+    "model.tiny.tokenizer_corpus_size=200",
+]
+
+
+def small_config(tmp_path, *overrides):
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[*SMALL, f"paths.cache_dir={tmp_path / 'cache'}", *overrides])
+
+
+def test_eval_only_run_writes_metrics_and_offline_wandb_then_reuses(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = small_config(tmp_path, "+teacher={api_key: sk-do-not-leak}")
+
+    metrics = run(cfg, tmp_path / "run1")
+    result = metrics["eval"]["base"]["math500"]
+    assert result["n"] == 3 and 0.0 <= result["pass@1"] <= 1.0
+    assert [(s["stage"], s["status"]) for s in metrics["stages"]] == [("model", "computed"), ("eval", "computed")]
+    assert json.loads((tmp_path / "run1" / "metrics.json").read_text())["eval"] == metrics["eval"]
+
+    saved = yaml.safe_load((tmp_path / "run1" / "config.yaml").read_text())
+    assert saved["eval"]["limit"] == 3 and saved["teacher"]["api_key"] == MASK
+
+    wandb = logged(tmp_path / "run1")
+    assert wandb["summary"]["eval/base/math500/pass@1"] == result["pass@1"]
+    assert any(h.get("eval/base/math500/n") == 3 for h in wandb["history"])
+    assert wandb["config"]["eval"]["limit"] == 3
+    assert wandb["config"]["teacher"]["api_key"] == MASK
+    assert "sk-do-not-leak" not in "".join(p.read_text(errors="ignore") for p in (tmp_path / "run1").rglob("*") if p.is_file())
+
+    again = run(cfg, tmp_path / "run2")
+    assert [s["status"] for s in again["stages"]] == ["reused", "reused"]
+    assert again["eval"] == metrics["eval"]
+
+
+def test_eval_rows_hold_graded_samples(tmp_path):
+    cfg = small_config(tmp_path, "logger=none", "eval.samples=2", "eval.temperature=0.8")
+    metrics = run(cfg, tmp_path / "run")
+    result = metrics["eval"]["base"]["math500"]
+    assert {"pass@1", "avg@2", "pass@2", "strict_pass@1"} <= set(result)
+    assert result["pass@2"] >= result["avg@2"]
+    assert set(result["by_subject"]) and all(v["n"] >= 1 for v in result["by_level"].values())
+    (eval_dir,) = [p for p in (tmp_path / "cache" / "eval").iterdir()]
+    rows = [json.loads(line) for line in (eval_dir / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["responses"]) == len(r["correct"]) == 2 for r in rows)
+
+
+def test_cli_runs_then_reuses_every_stage(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "stat_exp", *SMALL, f"paths.cache_dir={tmp_path / 'cache'}", "logger=none"]
+    for name in ("first", "second"):
+        out = subprocess.run([*cmd, f"hydra.run.dir={tmp_path / name}"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    log = (tmp_path / "second" / "stat_exp.log").read_text()
+    assert "model      reused" in log and "eval       reused" in log and "computed" not in log
+    assert (tmp_path / "second" / "metrics.json").exists()
