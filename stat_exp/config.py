@@ -26,6 +26,18 @@ class DataSource:
 
 
 @dataclass
+class SkillsConfig:
+    """Where the skill catalogue and the skill map come from: a file, or the teacher."""
+
+    catalogue_file: Optional[str] = None  # {subject: [skill, ...]} JSON under task.data_dir; null = teacher extracts
+    map_file: Optional[str] = None  # JSONL of {problem, skills} under task.data_dir; null = teacher labels
+    extraction_questions: int = 100  # questions per subject the teacher names fine-grained skills for
+    min_skills: int = 10  # coarse skills per subject asked of the clustering step
+    max_skills: int = 25
+    max_skills_per_question: int = 5
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
     data_dir: Optional[str] = None  # local data root (e.g. ../shared/data); null = Hugging Face hub
@@ -33,6 +45,7 @@ class TaskConfig:
     val_size: int = 500  # questions moved from the training pool to the validation split
     split_seed: int = 0  # seed of the validation split
     benchmarks: Dict[str, DataSource] = field(default_factory=dict)  # evaluation sets by name
+    skills: SkillsConfig = field(default_factory=SkillsConfig)
 
 
 @dataclass
@@ -84,6 +97,44 @@ class EvalConfig:
 
 
 @dataclass
+class Sampling:
+    temperature: float = 0.0
+    max_tokens: int = 1024
+
+
+def _teacher_sampling() -> Dict[str, Sampling]:
+    return {
+        "skill_extraction": Sampling(0.0, 256),
+        "skill_clustering": Sampling(0.0, 4096),
+        "skill_labelling": Sampling(0.0, 512),
+        "diagnosis": Sampling(0.0, 1024),
+        "synthesis": Sampling(0.7, 2048),  # diverse new questions
+        "solution": Sampling(0.7, 2048),  # independent solutions for the agreement filter
+        "rewrite": Sampling(0.7, 2048),
+    }
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher LLM, reached through litellm. API keys come from the environment only."""
+
+    name: str = MISSING
+    model: str = MISSING  # litellm model id: openai/gpt-4o-mini, anthropic/claude-..., openai/<served> + api_base
+    api_base: Optional[str] = None  # an OpenAI-compatible server (vLLM, SGLang, ...) instead of the provider
+    api_key_env: Optional[str] = None  # env var with the key; null: the provider's default (OPENAI_API_KEY, ...)
+    concurrency: int = 16  # requests in flight at once
+    requests_per_minute: Optional[int] = None  # spacing between request starts; null = no limit
+    max_retries: int = 5  # per request, on rate limits, 5xx, connection errors and time-outs
+    backoff_initial: float = 1.0  # seconds before the first retry; doubles each time, with jitter
+    backoff_max: float = 30.0
+    timeout: float = 120.0  # seconds per request
+    parse_retries: int = 2  # fresh samples asked for when an answer cannot be parsed
+    parse_retry_temperature: float = 0.7  # so that a retry can differ from the unparsable answer
+    max_cost_usd: Optional[float] = None  # stop (keeping every paid answer) once a run has spent this
+    sampling: Dict[str, Sampling] = field(default_factory=_teacher_sampling)  # per prompt kind
+
+
+@dataclass
 class VariantConfig:
     name: str = MISSING  # none: no training data, evaluation only
 
@@ -108,7 +159,7 @@ class StatConfig:
 
     task: TaskConfig = MISSING
     model: ModelConfig = MISSING
-    teacher: Optional[Any] = None
+    teacher: Optional[TeacherConfig] = None
     variant: VariantConfig = MISSING
     difficulty: Optional[Any] = None
     generator: GeneratorConfig = MISSING
@@ -125,8 +176,9 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=StatConfig)
 
 
-# Whole words of a key: hf_token and api_key are secrets, max_tokens and tokenizer_* are not.
-SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|password)(_|$)", re.IGNORECASE)
+# A key ending in one of these words holds a secret: hf_token and api_key do; max_tokens,
+# tokenizer_* and api_key_env (the name of a variable, not its value) do not.
+SECRET_KEY = re.compile(r"(^|_)(api_?key|access_key|token|secret|password)$", re.IGNORECASE)
 MASK = "***"
 
 

@@ -1,33 +1,25 @@
 """The real config composes for every group option, and bad overrides fail clearly."""
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from stat_exp.config import MASK, mask_secrets, register_configs
+from helpers import ROOT, compose_config
+from stat_exp.config import MASK, mask_secrets
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["task", "model", "generator", "eval", "variant", "logger", "experiment"]
+CONF = ROOT / "conf"
+GROUPS = ["task", "model", "teacher", "generator", "eval", "variant", "logger", "experiment"]
 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def compose_config(*overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
-
-
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes(group, option):
     cfg = compose_config(f"{group}={option}")
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    if group in ("task", "model", "variant", "logger"):
+    if group in ("task", "model", "teacher", "variant", "logger"):
         assert cfg[group].name == option
 
 
@@ -56,11 +48,12 @@ def test_unknown_group_option_fails():
 
 
 def test_secrets_are_masked_but_sampling_fields_kept():
-    cfg = {"teacher": {"api_key": "sk-live", "max_tokens": 512, "hf_token": "hf_x", "base": {"secret": None}},
+    cfg = {"teacher": {"api_key": "sk-live", "max_tokens": 512, "hf_token": "hf_x", "base": {"secret": None},
+                       "api_key_env": "OPENAI_API_KEY"},
            "model": {"tiny": {"tokenizer_corpus_size": 10}}}
     masked = mask_secrets(cfg)
     assert masked["teacher"]["api_key"] == MASK and masked["teacher"]["hf_token"] == MASK
-    assert masked["teacher"]["max_tokens"] == 512
+    assert masked["teacher"]["max_tokens"] == 512 and masked["teacher"]["api_key_env"] == "OPENAI_API_KEY"
     assert masked["teacher"]["base"]["secret"] is None
     assert masked["model"]["tiny"]["tokenizer_corpus_size"] == 10
     assert cfg["teacher"]["api_key"] == "sk-live"  # the original is untouched

@@ -1,0 +1,107 @@
+"""The teacher through litellm over HTTP, against the scripted local server."""
+
+import re
+
+import pytest
+from omegaconf import OmegaConf
+
+from stat_exp.config import TeacherConfig
+from stat_exp.skills import label_questions
+from stat_exp.teacher.client import BudgetExceeded, Teacher
+from teacher_server import Faults, TeacherServer
+
+CATALOGUE = {"Algebra": ["linear_equations", "factoring", "quadratics"], "Geometry": ["triangles", "circles"]}
+
+
+def questions(n: int) -> list[dict]:
+    """Questions whose text names the skills the scripted teacher will answer with."""
+    rows = []
+    for i in range(n):
+        subject = "Algebra" if i % 2 else "Geometry"
+        skills = CATALOGUE[subject][: 1 + i % 2]
+        rows.append({"id": f"q{i}", "subject": subject, "problem": f"Question {i} [needs: {', '.join(skills)}]",
+                     "solution": f"Solution {i}. \\boxed{{{i}}}"})
+    return rows
+
+
+def labeller(body: dict) -> str:
+    """Answers a labelling prompt with the skills named in its question."""
+    prompt = body["messages"][-1]["content"]
+    needs = re.search(r"\[needs: ([^\]]*)\]", prompt).group(1).split(", ")
+    return "".join(f"<skill>{s}</skill>" for s in needs) + "<reason>named in the question</reason>"
+
+
+def teacher_config(server: TeacherServer, **overrides) -> TeacherConfig:
+    base = OmegaConf.structured(TeacherConfig(name="local", model="openai/test-teacher", api_base=server.url,
+                                              concurrency=16, backoff_initial=0.01, backoff_max=0.05, timeout=5))
+    return OmegaConf.merge(base, overrides)
+
+
+def test_labels_200_questions_then_a_rerun_makes_no_call(tmp_path):
+    rows = questions(200)
+    with TeacherServer(labeller) as server:
+        teacher = Teacher(teacher_config(server), tmp_path)
+        records = label_questions(teacher, rows, CATALOGUE, max_skills=5)
+        assert server.requests == 200 and teacher.usage.calls == 200
+        assert [r["skills"] for r in records][:4] == [["triangles"], ["linear_equations", "factoring"],
+                                                       ["triangles"], ["linear_equations", "factoring"]]
+        assert all(r["error"] is None for r in records)
+
+        again = Teacher(teacher_config(server), tmp_path)  # a new run over the same cache
+        assert label_questions(again, rows, CATALOGUE, max_skills=5) == records
+        assert server.requests == 200 and again.usage.cache_hits == 200 and again.usage.calls == 0
+
+
+def test_injected_rate_limits_errors_and_timeouts_still_answer_every_item(tmp_path):
+    rows = questions(60)
+    faults = Faults(error_rate=0.14, hang_rate=0.06, hang_seconds=1.5, seed=1)
+    with TeacherServer(labeller, faults) as server:
+        teacher = Teacher(teacher_config(server, timeout=0.5, max_retries=8), tmp_path)
+        records = label_questions(teacher, rows, CATALOGUE, max_skills=5)
+    assert all(r["skills"] and r["error"] is None for r in records)
+    assert teacher.usage.retries >= 5 and teacher.usage.failed == 0
+    # Each retry follows a fault the server injected, or a keep-alive connection it dropped while hanging.
+    assert 60 < server.requests <= 60 + teacher.usage.retries
+
+
+def test_malformed_answers_are_retried_then_recorded(tmp_path):
+    def flaky(body: dict) -> str:
+        prompt = body["messages"][-1]["content"]
+        if "Question 0 " in prompt:
+            return "I think it needs algebra."  # never parsable: no tags
+        if "Question 1 " in prompt and body["temperature"] == 0:
+            return "<skill>not_a_skill</skill>"  # only an unknown skill: parsed on the retry
+        return labeller(body)
+
+    with TeacherServer(flaky) as server:
+        teacher = Teacher(teacher_config(server, parse_retries=2), tmp_path)
+        records = label_questions(teacher, questions(4), CATALOGUE, max_skills=5)
+    assert records[0]["skills"] == [] and records[0]["raw"] == "I think it needs algebra."
+    assert "unparsable" in records[0]["error"]
+    assert records[1]["skills"] == ["linear_equations", "factoring"] and records[1]["error"] is None
+    assert teacher.usage.parse_failures == 3 + 1 and teacher.usage.unparsed == 1
+    assert server.requests == 4 + 2 + 1
+
+
+def test_budget_cap_stops_keeps_paid_answers_and_a_rerun_resumes(tmp_path):
+    rows = questions(40)
+    with TeacherServer(labeller) as server:
+        # A priced model name, so litellm's price table applies to the local server's answers.
+        cfg = teacher_config(server, model="openai/gpt-4o-mini", concurrency=1, max_cost_usd=0.0001)
+        teacher = Teacher(cfg, tmp_path)
+        with pytest.raises(BudgetExceeded, match=r"of 40 labelling skills requests answered and cached"):
+            label_questions(teacher, rows, CATALOGUE, max_skills=5)
+        paid = server.requests
+        assert 0 < paid < 40 and teacher.usage.cost_usd >= 0.0001
+
+        resumed = Teacher(teacher_config(server, model="openai/gpt-4o-mini", concurrency=1), tmp_path)
+        records = label_questions(resumed, rows, CATALOGUE, max_skills=5)
+        assert all(r["skills"] for r in records)
+        assert resumed.usage.cache_hits == paid and server.requests == 40
+
+
+def test_missing_key_variable_is_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("STAT_NO_SUCH_KEY", raising=False)
+    cfg = OmegaConf.structured(TeacherConfig(name="x", model="openai/gpt-4o-mini", api_key_env="STAT_NO_SUCH_KEY"))
+    with pytest.raises(ValueError, match="STAT_NO_SUCH_KEY"):
+        Teacher(cfg, tmp_path)
