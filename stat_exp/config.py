@@ -38,6 +38,24 @@ class SkillsConfig:
 
 
 @dataclass
+class WorldConfig:
+    """Skillworld: arithmetic word problems generated with known skills (see tasks/skillworld.py)."""
+
+    skills: List[str] = field(
+        default_factory=lambda: ["add", "subtract", "multiply", "modulo", "compare", "digit_sum"]
+    )
+    rare_skills: List[str] = field(default_factory=lambda: ["multiply", "modulo"])  # scarce in pre-training
+    rare_weight: float = 0.08  # sampling weight of a rare skill in the pre-training mixture (others: 1)
+    max_skills_per_problem: int = 3
+    max_operand: int = 99
+    pretrain_size: int = 40000  # problems the tiny base student is pre-trained on
+    train_size: int = 4000  # the training pool STAT selects from (uniform over skills)
+    val_size: int = 500
+    test_size: int = 500
+    seed: int = 0
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
     data_dir: Optional[str] = None  # local data root (e.g. ../shared/data); null = Hugging Face hub
@@ -46,6 +64,7 @@ class TaskConfig:
     split_seed: int = 0  # seed of the validation split
     benchmarks: Dict[str, DataSource] = field(default_factory=dict)  # evaluation sets by name
     skills: SkillsConfig = field(default_factory=SkillsConfig)
+    world: Optional[WorldConfig] = None  # set: problems are generated (skillworld), not loaded
 
 
 @dataclass
@@ -64,12 +83,25 @@ class TinyModelConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Pre-training the locally built tiny model from scratch (skillworld's base student)."""
+
+    steps: int = 1500
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    seed: int = 0
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     hub_id: Optional[str] = None  # hub id or local path; null when the model is built locally
     revision: Optional[str] = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     tiny: Optional[TinyModelConfig] = None  # set: build this model locally instead of loading hub_id
+    pretrain: Optional[PretrainConfig] = None  # set (with tiny): pre-train it on the task's pre-training pool
     system_prompt: Optional[str] = None
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -135,8 +167,104 @@ class TeacherConfig:
 
 
 @dataclass
+class DifficultyConfig:
+    """Which probe answers are difficult (STAT step 4). Paper: one sample at temperature 0.1."""
+
+    name: str = MISSING  # prm | outcome | consistency | length
+    samples: int = 1  # probe answers per question (consistency needs >= 2)
+    temperature: float = 0.1
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    test_benchmark: Optional[str] = "math500"  # probed too: its difficult questions form MATH-D
+    # prm: difficult if last-step score <= tau1, or mean <= tau1, or any earlier step <= tau2
+    prm_model: str = "RLHFlow/Llama3.1-8B-PRM-Mistral-Data"
+    tau1: float = 0.85
+    tau2: float = 0.7
+    step_separator: str = "\n\n"  # a regex: how a response is cut into steps
+    prm_batch_size: int = 8
+    min_agreement: int = 2  # consistency: difficult if the most common answer appears fewer times
+    min_words: int = 800  # length: difficult if the response has at least this many words
+
+
+@dataclass
 class VariantConfig:
-    name: str = MISSING  # none: no training data, evaluation only
+    """How the training data is made (STAT step 6): STAT-Sel, STAT-Syn, or a baseline."""
+
+    name: str = MISSING  # sel | syn | train | augment | hard | embed_sel | embed_syn | none
+    questions_per_pair: int = 5  # sel: training questions drawn per (difficult question, missing skill)
+    answers_per_question: int = 3  # sel/augment: answers each selected question brings
+    answers: str = "both"  # sel: reference | rewrite | both (the reference solution, then teacher rewrites)
+    examples_per_pair: int = 3  # syn: training questions with the skill shown to the teacher
+    new_questions: int = 2  # syn: questions the teacher writes per pair
+    solutions_per_question: int = 3  # syn: teacher solutions per new question
+    min_agreement: int = 2  # syn: keep a question when this many solutions agree on the final answer
+    copy_threshold: float = 0.8  # syn: word overlap with an example above which a question is a near-copy
+    hard_levels: List[int] = field(default_factory=lambda: [4, 5])  # hard
+    embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"  # embed_*
+    neighbours: int = 5  # embed_sel: nearest training questions per difficult question
+
+
+@dataclass
+class DataConfig:
+    budget: int = 9500  # question-answer pairs for every variant (paper: 9.5k, ~4k unique questions)
+    seed: int = 0
+
+
+@dataclass
+class StatLoopConfig:
+    rounds: int = 1  # probe -> profile -> data -> train, repeated on the improved student
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning with TRL's SFTTrainer; defaults are the paper's (QLoRA)."""
+
+    name: str = MISSING  # qlora | lora | full
+    learning_rate: float = 1e-4
+    epochs: float = 3.0
+    per_device_batch_size: int = 4
+    gradient_accumulation_steps: int = 2  # effective batch 8 on one device
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 0.3
+    weight_decay: float = 0.1
+    group_by_length: bool = True
+    max_length: int = 2048
+    max_steps: int = -1  # > 0 caps training (tests, demos)
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    load_in_4bit: bool = True  # NF4 with bf16 compute (GPU only)
+    optim: str = "paged_adamw_8bit"
+    bf16: bool = True
+    logging_steps: int = 10
+    seed: int = 0
+
+
+@dataclass
+class RLConfig:
+    """GRPO with TRL's GRPOTrainer; defaults are the paper's."""
+
+    name: str = MISSING  # grpo
+    learning_rate: float = 5e-7
+    lr_scheduler: str = "constant"
+    beta: float = 0.0  # KL coefficient (none)
+    num_generations: int = 4
+    max_completion_length: int = 2048
+    questions_per_batch: int = 256
+    epochs: float = 6.0
+    temperature: float = 1.0
+    rewards: List[str] = field(default_factory=lambda: ["correctness"])  # names in stat_exp.rewards
+    reward_weights: Optional[List[float]] = None
+    max_steps: int = -1
+    lora: bool = False
+    bf16: bool = True
+    logging_steps: int = 10
+    seed: int = 0
 
 
 @dataclass
@@ -161,12 +289,14 @@ class StatConfig:
     model: ModelConfig = MISSING
     teacher: Optional[TeacherConfig] = None
     variant: VariantConfig = MISSING
-    difficulty: Optional[Any] = None
+    difficulty: Optional[DifficultyConfig] = None
     generator: GeneratorConfig = MISSING
-    sft: Optional[Any] = None
-    rl: Optional[Any] = None
+    sft: Optional[SFTConfig] = None
+    rl: Optional[RLConfig] = None
     eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    stat: StatLoopConfig = field(default_factory=StatLoopConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     experiment_name: str = "default"  # W&B group and run-folder name
     seed: int = 0

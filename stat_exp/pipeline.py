@@ -48,8 +48,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if cfg.teacher is not None or cfg.task.skills.catalogue_file or cfg.task.skills.map_file:
             catalogue = skill_catalogue(cfg, store, tracker, teacher, train)
             skill_map(cfg, store, tracker, teacher, train, catalogue)
-        student = base_student(cfg, store, train)
-        evaluate_student(cfg, store, tracker, student, label="base")
+        if cfg.eval.benchmarks:
+            student = base_student(cfg, store, train)
+            evaluate_student(cfg, store, tracker, student, label="base")
     finally:
         tracker.metrics["stages"] = [vars(e) for e in store.events]
         tracker.log({f"cache/{status}": sum(e.status == status for e in store.events) for status in ("computed", "reused")})

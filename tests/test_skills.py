@@ -17,7 +17,7 @@ SECRET = "sk-test-secret-4f9a"
 def test_catalogue_and_map_load_from_the_released_files(tmp_path):
     cfg = compose_config(f"task.data_dir={SHARED_DATA}", "task.skills.catalogue_file=math/skills.json",
                          "task.skills.map_file=math/skill_map.jsonl", "eval.benchmarks=[]", "logger=none",
-                         f"paths.cache_dir={tmp_path}", "model.tiny.tokenizer_corpus_size=50")
+                         f"paths.cache_dir={tmp_path}")
     metrics = run(cfg, tmp_path / "run")
     (catalogue_dir,) = (tmp_path / "skills").iterdir()
     catalogue = json.loads((catalogue_dir / "catalogue.json").read_text())
@@ -64,8 +64,7 @@ def test_teacher_builds_catalogue_and_map_and_rerun_calls_nothing(tmp_path, tiny
         overrides = [f"task.data_dir={tiny_task}", "task.val_size=4", "task.skills.extraction_questions=5",
                      "teacher=local", f"teacher.api_base={server.url}", "teacher.model=openai/scripted",
                      "teacher.api_key_env=STAT_TEST_TEACHER_KEY", "teacher.backoff_initial=0.01",
-                     "eval.benchmarks=[]", f"paths.cache_dir={tmp_path / 'cache'}",
-                     "model.tiny.tokenizer_corpus_size=20"]
+                     "eval.benchmarks=[]", f"paths.cache_dir={tmp_path / 'cache'}"]
         metrics = run(compose_config(*overrides), tmp_path / "run1")
         first_requests = server.requests
         assert server.api_keys == {SECRET}
