@@ -202,6 +202,7 @@ class VariantConfig:
     hard_levels: List[int] = field(default_factory=lambda: [4, 5])  # hard
     embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"  # embed_*
     neighbours: int = 5  # embed_sel: nearest training questions per difficult question
+    max_passes: int = 100  # passes over the pairs (new draws or syntheses) before the budget is given up on
 
 
 @dataclass

@@ -59,6 +59,7 @@ def grade_responses(rows: Sequence[dict], responses: Sequence[Sequence[str]], cf
         records.append(
             {
                 "id": row["id"],
+                "problem": row["problem"],
                 "subject": row.get("subject"),
                 "level": row.get("level"),
                 "skills": row.get("skills") or [],

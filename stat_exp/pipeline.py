@@ -1,7 +1,8 @@
 """The STAT pipeline: the stages in order, each a cached artifact in the store.
 
-Implemented so far: the student (built locally for `model=tiny`, else a hub id), the skill
-catalogue and skill map (from files or the teacher), and evaluation on the benchmarks.
+skills -> skill_map -> probe -> difficulty -> profile -> data (-> sft -> rl), then eval.
+`run` reads top to bottom as the method; each stage function below turns its config and
+its inputs' artifacts into its own artifact.
 """
 
 import hashlib
@@ -25,6 +26,12 @@ log = logging.getLogger(__name__)
 
 TINY_MODEL_VERSION = "1"
 SKILLS_VERSION = "1"
+PROBE_VERSION = "1"
+DIFFICULTY_VERSION = "1"
+PROFILE_VERSION = "1"
+DATA_VERSION = "1"
+DIAGNOSED_VARIANTS = ("sel", "syn")  # built from the Missing-Skill-Profile
+PROBED_VARIANTS = ("sel", "syn", "embed_sel", "embed_syn")  # built from the difficult questions
 
 
 @dataclass(frozen=True)
@@ -43,14 +50,25 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     store = Store(Path(to_absolute_path(cfg.paths.cache_dir)))
     tracker = Tracker(cfg, run_dir)
     try:
-        train, _ = load_train_val(cfg.task)
+        _check(cfg)
+        train, val = load_train_val(cfg.task)
         teacher = _lazy_teacher(cfg, store)
+        catalogue = smap = None
         if cfg.teacher is not None or cfg.task.skills.catalogue_file or cfg.task.skills.map_file:
             catalogue = skill_catalogue(cfg, store, tracker, teacher, train)
-            skill_map(cfg, store, tracker, teacher, train, catalogue)
+            smap = skill_map(cfg, store, tracker, teacher, train, catalogue)
+        student = base_student(cfg, store, train)
         if cfg.eval.benchmarks:
-            student = base_student(cfg, store, train)
             evaluate_student(cfg, store, tracker, student, label="base")
+        if cfg.difficulty is not None:
+            probes = probe(cfg, store, student, val)
+            verdicts = difficulty(cfg, store, tracker, probes)
+            diagnoses = None
+            if catalogue is not None:
+                diagnoses = profile(cfg, store, tracker, teacher, val, probes["val"], verdicts, catalogue, label="base")
+            if cfg.variant.name != "none":
+                training_data(cfg, store, tracker, teacher, train, val, smap, catalogue, probes["val"], verdicts,
+                              diagnoses)
     finally:
         tracker.metrics["stages"] = [vars(e) for e in store.events]
         tracker.log({f"cache/{status}": sum(e.status == status for e in store.events) for status in ("computed", "reused")})
@@ -104,7 +122,7 @@ def skill_catalogue(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Ca
     kinds = ("skill_extraction", "skill_clustering")
 
     def compute(out: Path) -> dict:
-        (catalogue, records), usage = _metered(teacher, lambda: skills.extract_catalogue(teacher(), train, spec, cfg.seed))
+        (catalogue, records), usage = _metered(cfg, teacher, lambda: skills.extract_catalogue(teacher(), train, spec, cfg.seed))
         return _save_catalogue(out, catalogue, records) | {"teacher": usage}
 
     artifact = store.stage(
@@ -137,7 +155,7 @@ def skill_map(
         config = {"teacher": _teacher_identity(cfg, ("skill_labelling",)), "max": spec.max_skills_per_question}
 
         def label() -> tuple[list[dict], dict]:
-            return _metered(teacher, lambda: skills.label_questions(teacher(), train, catalogue_dict,
+            return _metered(cfg, teacher, lambda: skills.label_questions(teacher(), train, catalogue_dict,
                                                                     spec.max_skills_per_question))
 
     def compute(out: Path) -> dict:
@@ -160,6 +178,159 @@ def skill_map(
     _log_teacher_usage(tracker, artifact)
     log.info("skill map: %d of %d questions labelled, %d unknown skill names dropped",
              summary["labelled"], summary["questions"], summary["unknown_skill_names"])
+    return artifact
+
+
+def probe(cfg: DictConfig, store: Store, student: Student, val: list[dict]) -> dict[str, Artifact]:
+    """STAT step 3: the student answers the validation questions (and the MATH-D source benchmark)."""
+    d = cfg.difficulty
+    splits = {"val": val}
+    if d.test_benchmark:
+        splits["test"] = load_benchmark(cfg.task, d.test_benchmark)
+    artifacts = {}
+    for split, rows in splits.items():
+        def compute(out: Path, rows=rows) -> dict:
+            responses = evaluation.answer_questions(
+                rows, model_path=student.path, model_cfg=cfg.model, gen_cfg=cfg.generator, samples=d.samples,
+                temperature=d.temperature, top_p=d.top_p, max_tokens=d.max_tokens, seed=cfg.seed)
+            records = evaluation.grade_responses(rows, responses, cfg.eval)
+            write_jsonl(out / "rows.jsonl", records)
+            return evaluation.summarize(records)
+
+        artifacts[split] = store.stage(
+            "probe",
+            config={"split": split, "sampling": [d.samples, d.temperature, d.top_p, d.max_tokens, cfg.seed],
+                    "generator": OmegaConf.to_container(cfg.generator),
+                    "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
+            inputs={"model": student.key, "data": fingerprint(rows)},
+            version=PROBE_VERSION,
+            compute=compute,
+        )
+    return artifacts
+
+
+def difficulty(cfg: DictConfig, store: Store, tracker: Tracker, probes: dict[str, Artifact]) -> Artifact:
+    """STAT step 4: which probe answers are difficult; the difficult test questions form MATH-D."""
+    from stat_exp import difficulty as classifiers
+
+    d = cfg.difficulty
+
+    def compute(out: Path) -> dict:
+        summary = {}
+        for split, artifact in probes.items():
+            records = artifact.rows()
+            verdicts = classifiers.classify(records, d)
+            write_jsonl(out / f"{split}.jsonl", [{"id": r["id"]} | v for r, v in zip(records, verdicts)])
+            summary[split] = {"questions": len(records), "difficult": sum(v["difficult"] for v in verdicts)}
+            if d.name != "outcome":  # how the classifier agrees with being wrong (the paper's Table 11)
+                outcome = classifiers.classify(records, OmegaConf.merge(d, {"name": "outcome"}))
+                summary[split]["vs_outcome"] = classifiers.agreement(verdicts, outcome)
+        return summary
+
+    artifact = store.stage(
+        "difficulty",
+        config=OmegaConf.to_container(d),
+        inputs={split: a.key for split, a in probes.items()},
+        version=DIFFICULTY_VERSION,
+        compute=compute,
+    )
+    for split, numbers in artifact.summary.items():
+        tracker.log({f"difficulty/{split}/{k}": v for k, v in numbers.items() if not isinstance(v, dict)})
+        for k, v in numbers.get("vs_outcome", {}).items():
+            tracker.log({f"difficulty/{split}/vs_outcome/{k}": v})
+        log.info("difficulty (%s) on %s: %d of %d questions difficult", d.name, split, numbers["difficult"],
+                 numbers["questions"])
+    return artifact
+
+
+def profile(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Callable, val: list[dict], probe_val: Artifact,
+            verdicts: Artifact, catalogue: Artifact, *, label: str) -> Artifact:
+    """STAT step 5: the teacher diagnoses each difficult answer; f(s) counts the missing skills."""
+    from stat_exp import profile as profiles
+
+    _require_teacher(cfg, "diagnose the difficult answers")
+    catalogue_dict = json.loads((catalogue.path / "catalogue.json").read_text())
+
+    def compute(out: Path) -> dict:
+        solutions = {row["id"]: row["solution"] for row in val}  # the teacher compares with the reference
+        records = [r | {"solution": solutions.get(r["id"], "")} for r in probe_val.rows()]
+        diagnoses, usage = _metered(cfg, teacher, lambda: profiles.diagnose(teacher(), records, verdicts.rows("val"),
+                                                                       catalogue_dict))
+        write_jsonl(out / "rows.jsonl", diagnoses)
+        return profiles.profile_summary(diagnoses) | {"teacher": usage}
+
+    artifact = store.stage(
+        "profile",
+        config={"teacher": _teacher_identity(cfg, ("diagnosis",))},
+        inputs={"probe": probe_val.key, "difficulty": verdicts.key, "catalogue": catalogue.key},
+        version=PROFILE_VERSION,
+        compute=compute,
+    )
+    summary = artifact.summary
+    f = summary["profile"]
+    tracker.log({f"profile/{label}/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+    tracker.log({f"profile/{label}/f": f})
+    tracker.table(f"profile/{label}", ["skill", "missing"], [[s, n] for s, n in f.items()], bar=True)
+    profiles.plot_profiles({label: f}, tracker.run_dir / f"profile_{label}.png")
+    (tracker.run_dir / f"profile_{label}.json").write_text(json.dumps(summary, indent=1))
+    _log_teacher_usage(tracker, artifact)
+    log.info("Missing-Skill-Profile (%s): %d difficult, %d judged incorrect; top skills %s", label,
+             summary["difficult"], summary["judged_incorrect"], list(f.items())[:5])
+    return artifact
+
+
+def training_data(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Callable, train: list[dict],
+                  val: list[dict], smap: Artifact | None, catalogue: Artifact | None, probe_val: Artifact | None,
+                  verdicts: Artifact | None, diagnoses: Artifact | None) -> Artifact:
+    """STAT step 6: the variant's question-answer pairs at the data budget, with a data card."""
+    from stat_exp.data import DataInputs, build_training_data
+
+    v = cfg.variant
+    if v.name in DIAGNOSED_VARIANTS and diagnoses is None:
+        raise ValueError(f"variant={v.name} needs the Missing-Skill-Profile: set difficulty (e.g. difficulty=outcome), "
+                         "a teacher, and a skill catalogue")
+    if v.name in PROBED_VARIANTS and verdicts is None:
+        raise ValueError(f"variant={v.name} needs the difficult questions: set difficulty (e.g. difficulty=outcome)")
+    upstream = {"train": fingerprint(train)} | {
+        name: a.key for name, a in [("skill_map", smap), ("difficulty", verdicts), ("profile", diagnoses)] if a}
+
+    def compute(out: Path) -> dict:
+        difficult_ids = {r["id"] for r in verdicts.rows("val") if r["difficult"]} if verdicts else set()
+        inputs = DataInputs(
+            train=train,
+            skill_map={r["id"]: r["skills"] for r in smap.rows()} if smap else {},
+            catalogue=json.loads((catalogue.path / "catalogue.json").read_text()) if catalogue else {},
+            diagnoses=diagnoses.rows() if diagnoses else [],
+            difficult=[r for r in val if r["id"] in difficult_ids],
+            teacher=teacher,
+        )
+        (pairs, card), usage = _metered(cfg, teacher, lambda: build_training_data(inputs, v, cfg.data.budget,
+                                                                                  cfg.data.seed))
+        write_jsonl(out / "rows.jsonl", pairs)
+        return card | ({"teacher": usage} if usage else {})
+
+    # Only the teacher's identity enters the key, and only for variants that ask it something.
+    asks_teacher = v.name in ("syn", "embed_syn", "augment") or (v.name in ("sel", "embed_sel") and v.answers != "reference")
+    artifact = store.stage(
+        "data",
+        config={"variant": OmegaConf.to_container(v), "data": OmegaConf.to_container(cfg.data),
+                "teacher": _teacher_identity(cfg, ("rewrite", "synthesis", "solution")) if asks_teacher else None},
+        inputs=upstream,
+        version=DATA_VERSION,
+        compute=compute,
+    )
+    card = artifact.summary
+    tracker.log({f"data/{k}": v for k, v in card.items() if isinstance(v, (int, float, bool))})
+    tracker.log({"data/card": card})
+    profile_f = card["profile"]
+    tracker.table("data/skills", ["skill", "pairs", "profile"],
+                  [[s, card["skill_histogram"].get(s, 0), profile_f.get(s, 0)]
+                   for s in dict.fromkeys([*profile_f, *card["skill_histogram"]])])
+    tracker.table("data/sample", ["question", "answer", "skills", "origin"],
+                  [[p["question"], p["answer"], ", ".join(p["skills"]), p["origin"]] for p in artifact.rows()[:20]])
+    _log_teacher_usage(tracker, artifact)
+    log.info("data (%s): %d pairs of the %d budget, %d unique questions, origins %s", v.name, card["pairs"],
+             card["budget"], card["unique_questions"], card["origins"])
     return artifact
 
 
@@ -205,13 +376,25 @@ def _lazy_teacher(cfg: DictConfig, store: Store) -> Callable:
     def teacher():
         from stat_exp.teacher.client import Teacher
 
+        _require_teacher(cfg, f"run variant={cfg.variant.name}")
         return Teacher(cfg.teacher, store.root / "teacher")
 
     return teacher
 
 
-def _metered(teacher: Callable, work: Callable):
-    """work()'s result and the teacher usage it caused."""
+def _check(cfg: DictConfig) -> None:
+    """Config combinations that would fail late, failed early with what to change."""
+    if cfg.variant.name in PROBED_VARIANTS and cfg.difficulty is None:
+        raise ValueError(f"variant={cfg.variant.name} needs difficult questions: choose a classifier, "
+                         "e.g. difficulty=outcome (or difficulty=prm, the paper's)")
+    if cfg.variant.name in DIAGNOSED_VARIANTS and cfg.teacher is None:
+        raise ValueError(f"variant={cfg.variant.name} needs a teacher to diagnose missing skills, e.g. teacher=gpt-4o-mini")
+
+
+def _metered(cfg: DictConfig, teacher: Callable, work: Callable):
+    """work()'s result and the teacher usage it caused ({} without a teacher)."""
+    if cfg.teacher is None:
+        return work(), {}
     before = replace(teacher().usage)
     result = work()
     return result, teacher().usage.since(before).as_dict()

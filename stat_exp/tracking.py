@@ -45,15 +45,19 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.log(metrics)
 
-    def table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """A table for W&B (`wandb.Table`) and as `<name>.csv`-like JSON rows in the run folder."""
+    def table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, bar: bool = False) -> None:
+        """A `wandb.Table` (and, with `bar`, a bar chart of its first two columns) and the same
+        rows as JSON under `tables/` in the run folder."""
         path = self.run_dir / "tables" / f"{name.replace('/', '.')}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"columns": list(columns), "rows": [list(r) for r in rows]}, indent=1))
         if self.wandb_run is not None:
             import wandb
 
-            self.wandb_run.log({name: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+            table = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+            self.wandb_run.log({name: table})
+            if bar:
+                self.wandb_run.log({f"{name}_chart": wandb.plot.bar(table, columns[0], columns[1], title=name)})
 
     def finish(self) -> Path:
         path = self.run_dir / "metrics.json"

@@ -38,7 +38,7 @@ def _chunks(data: bytes):
 def logged(run_dir: Path) -> dict:
     """{'history': [{key: value}], 'summary': {...}, 'config': {...}} of the run's only W&B run."""
     (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
-    out = {"history": [], "summary": {}, "config": {}}
+    out = {"history": [], "summary": {}, "config": {}, "group": None}
     for chunk in _chunks(path.read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(chunk)
@@ -47,7 +47,9 @@ def logged(run_dir: Path) -> dict:
             out["history"].append({_key(i): json.loads(i.value_json) for i in record.history.item})
         elif kind == "summary":
             out["summary"].update({_key(i): json.loads(i.value_json) for i in record.summary.update})
-        elif kind in ("config", "run"):
+        if kind == "run":
+            out["group"] = record.run.run_group
+        if kind in ("config", "run"):
             config = record.config if kind == "config" else record.run.config
             out["config"].update({_key(i): json.loads(i.value_json) for i in config.update})
     return out

@@ -1,0 +1,105 @@
+"""The STAT loop through the CLI: a multirun over variants shares every upstream stage."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections import Counter
+
+import pytest
+
+from helpers import ROOT
+from teacher_server import TeacherServer
+from wandb_records import logged
+
+SKILLS = ["linear_equations", "factoring", "quadratics"]
+
+
+class ScriptedTeacher:
+    """Answers labelling, diagnosis, rewrite, synthesis and solution prompts; counts them by kind."""
+
+    def __init__(self):
+        self.kinds = Counter()
+        self._lock = threading.Lock()
+
+    def __call__(self, body: dict) -> str:
+        prompt = body["messages"][-1]["content"]
+        kind, answer = self._answer(prompt)
+        with self._lock:
+            self.kinds[kind] += 1
+        return answer
+
+    @staticmethod
+    def _answer(prompt: str) -> tuple[str, str]:
+        number = re.search(r"Problem (\d+)", prompt)
+        skill = SKILLS[int(number.group(1)) % 3] if number else SKILLS[0]
+        if "Which skills from this list" in prompt:
+            return "labelling", f"<skill>{skill}</skill><reason>used</reason>"
+        if "Find out whether its response is correct" in prompt:
+            return "diagnosis", f"<reason>step 1 is wrong</reason><judge>incorrect</judge><skill>{skill}</skill>"
+        if "Rewrite the reference solution" in prompt:
+            answer = re.findall(r"\\boxed\{(\d+)\}", prompt)[0]
+            return "rewrite", f"Another way to see it. So the answer is \\boxed{{{answer}}}."
+        if "NEW problems" in prompt:
+            tag = abs(hash(prompt)) % 10**6
+            return "synthesis", (f"<question>Brand new question {tag} about a pond?</question>"
+                                 f"<question>Another new question {tag} about a bridge?</question>")
+        if prompt.startswith("Solve"):
+            return "solution", "Reason carefully. \\boxed{42}"
+        raise AssertionError(prompt[:300])
+
+
+@pytest.fixture
+def math_like_data(tmp_path):
+    data = tmp_path / "data"
+    (data / "math").mkdir(parents=True)
+    rows = [{"problem": f"Problem {i}: solve x + {i} = {2 * i}.", "solution": f"x = {i}, so \\boxed{{{i}}}.",
+             "type": "Algebra", "level": f"Level {1 + i % 5}"} for i in range(40)]
+    (data / "math" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "skills.json").write_text(json.dumps({"Algebra": SKILLS}))
+    return data
+
+
+def test_multirun_over_variants_computes_upstream_stages_once(tmp_path, math_like_data):
+    teacher = ScriptedTeacher()
+    with TeacherServer(teacher) as server:
+        command = [
+            sys.executable, "-m", "stat_exp", "-m", "variant=sel,syn",
+            f"task.data_dir={math_like_data}", "task.val_size=6", "task.skills.catalogue_file=skills.json",
+            "teacher=local", f"teacher.api_base={server.url}", "teacher.model=openai/scripted",
+            "difficulty=outcome", "difficulty.test_benchmark=null", "difficulty.max_tokens=8",
+            "eval.benchmarks=[]", "data.budget=30", "experiment_name=stat_sweep",
+            "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
+            f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ]
+        env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+        env.pop("WANDB_API_KEY", None)
+        out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-4000:]
+
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert len(jobs) == 2
+    stages = [{s["stage"]: s["status"] for s in json.loads((j / "metrics.json").read_text())["stages"]} for j in jobs]
+    upstream = ["skills", "skill_map", "model", "probe", "difficulty", "profile"]
+    assert [stages[0][s] for s in upstream] == ["computed"] * 6
+    assert [stages[1][s] for s in upstream] == ["reused"] * 6
+    assert stages[0]["data"] == stages[1]["data"] == "computed"
+
+    # Each training question labelled once, each difficult answer diagnosed once, for both jobs.
+    assert teacher.kinds["labelling"] == 34
+    metrics = [json.loads((j / "metrics.json").read_text()) for j in jobs]
+    difficult = metrics[0]["difficulty"]["val"]["difficult"]
+    assert difficult >= 1 and teacher.kinds["diagnosis"] == difficult
+    assert teacher.kinds["rewrite"] > 0 and teacher.kinds["synthesis"] > 0 and teacher.kinds["solution"] > 0
+    assert [m["data"]["pairs"] for m in metrics] == [30, 30]
+
+    sel_rows = [json.loads(line) for line in
+                next((tmp_path / "cache" / "data").glob("*/rows.jsonl")).read_text().splitlines()]
+    assert len(sel_rows) == 30
+
+    runs = [logged(j) for j in jobs]
+    assert {r["group"] for r in runs} == {"stat_sweep"}
+    assert {r["config"]["variant"]["name"] for r in runs} == {"sel", "syn"}
+    assert all(r["summary"]["data/pairs"] == 30 for r in runs)
