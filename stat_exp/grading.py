@@ -66,6 +66,7 @@ def normalize_answer(s: str) -> str:
     s = re.sub(r"\\[!,;:]", "", s)
     s = re.sub(r"\^\{?\\circ\}?", "", s)
     s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12 is \frac{1}{2}
     s = re.sub(r"\s+", "", s)
     s = s.rstrip(".")
     return re.sub(r"^(-?\d+)\.0+$", r"\1", s)
