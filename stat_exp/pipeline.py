@@ -30,6 +30,8 @@ PROBE_VERSION = "1"
 DIFFICULTY_VERSION = "1"
 PROFILE_VERSION = "1"
 DATA_VERSION = "1"
+SFT_VERSION = "1"
+RL_VERSION = "1"
 DIAGNOSED_VARIANTS = ("sel", "syn")  # built from the Missing-Skill-Profile
 PROBED_VARIANTS = ("sel", "syn", "embed_sel", "embed_syn")  # built from the difficult questions
 
@@ -40,6 +42,15 @@ class Student:
 
     path: str
     key: str
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """Steps 3-5 for one student: its probe answers, which are difficult, and (with a teacher) why."""
+
+    probes: dict[str, Artifact]  # "val", and "test" when difficulty.test_benchmark is set
+    verdicts: Artifact
+    profile: Artifact | None  # None without a skill catalogue
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -55,20 +66,31 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         teacher = _lazy_teacher(cfg, store)
         catalogue = smap = None
         if cfg.teacher is not None or cfg.task.skills.catalogue_file or cfg.task.skills.map_file:
-            catalogue = skill_catalogue(cfg, store, tracker, teacher, train)
-            smap = skill_map(cfg, store, tracker, teacher, train, catalogue)
+            catalogue = skill_catalogue(cfg, store, tracker, teacher, train)  # step 1
+            smap = skill_map(cfg, store, tracker, teacher, train, catalogue)  # step 2
         student = base_student(cfg, store, train)
-        if cfg.eval.benchmarks:
-            evaluate_student(cfg, store, tracker, student, label="base")
-        if cfg.difficulty is not None:
-            probes = probe(cfg, store, student, val)
-            verdicts = difficulty(cfg, store, tracker, probes)
-            diagnoses = None
-            if catalogue is not None:
-                diagnoses = profile(cfg, store, tracker, teacher, val, probes["val"], verdicts, catalogue, label="base")
-            if cfg.variant.name != "none":
-                training_data(cfg, store, tracker, teacher, train, val, smap, catalogue, probes["val"], verdicts,
-                              diagnoses)
+        before = diagnose(cfg, store, tracker, teacher, student, val, catalogue, label="base")  # steps 3-5
+        benchmarks = _benchmarks(cfg, before)
+        evaluate_student(cfg, store, tracker, student, benchmarks, label="base")
+        diagnosis, stage = before, "base"
+        for round_ in range(1, cfg.stat.rounds + 1):
+            if cfg.variant.name == "none":
+                break
+            data = training_data(cfg, store, tracker, teacher, train, val, smap, catalogue, diagnosis)  # step 6
+            if cfg.sft is None:
+                break
+            student = finetune(cfg, store, tracker, student, data, label=f"sft{round_}")  # step 7
+            stage = "sft"
+            if round_ < cfg.stat.rounds:  # the continual variant: diagnose the improved student again
+                diagnosis = diagnose(cfg, store, tracker, teacher, student, val, catalogue, label=f"round{round_ + 1}")
+        if cfg.rl is not None:
+            student = reinforce(cfg, store, tracker, student, train)  # step 8
+            stage = "rl"
+        if stage != "base":  # step 9: evaluation and the profile after training
+            evaluate_student(cfg, store, tracker, student, benchmarks, label=stage)
+            after = diagnose(cfg, store, tracker, teacher, student, val, catalogue, label="after")
+            _compare_profiles(tracker, before, after)
+        _summary_table(tracker)
     finally:
         tracker.metrics["stages"] = [vars(e) for e in store.events]
         tracker.log({f"cache/{status}": sum(e.status == status for e in store.events) for status in ("computed", "reused")})
@@ -181,6 +203,19 @@ def skill_map(
     return artifact
 
 
+def diagnose(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Callable, student: Student, val: list[dict],
+             catalogue: Artifact | None, *, label: str) -> Diagnosis | None:
+    """Probe the student, classify its difficult answers, and profile their missing skills."""
+    if cfg.difficulty is None:
+        return None
+    probes = probe(cfg, store, student, val)
+    verdicts = difficulty(cfg, store, tracker, probes, label=label)
+    missing = None
+    if catalogue is not None:
+        missing = profile(cfg, store, tracker, teacher, val, probes["val"], verdicts, catalogue, label=label)
+    return Diagnosis(probes, verdicts, missing)
+
+
 def probe(cfg: DictConfig, store: Store, student: Student, val: list[dict]) -> dict[str, Artifact]:
     """STAT step 3: the student answers the validation questions (and the MATH-D source benchmark)."""
     d = cfg.difficulty
@@ -209,7 +244,7 @@ def probe(cfg: DictConfig, store: Store, student: Student, val: list[dict]) -> d
     return artifacts
 
 
-def difficulty(cfg: DictConfig, store: Store, tracker: Tracker, probes: dict[str, Artifact]) -> Artifact:
+def difficulty(cfg: DictConfig, store: Store, tracker: Tracker, probes: dict[str, Artifact], *, label: str) -> Artifact:
     """STAT step 4: which probe answers are difficult; the difficult test questions form MATH-D."""
     from stat_exp import difficulty as classifiers
 
@@ -235,11 +270,11 @@ def difficulty(cfg: DictConfig, store: Store, tracker: Tracker, probes: dict[str
         compute=compute,
     )
     for split, numbers in artifact.summary.items():
-        tracker.log({f"difficulty/{split}/{k}": v for k, v in numbers.items() if not isinstance(v, dict)})
+        tracker.log({f"difficulty/{label}/{split}/{k}": v for k, v in numbers.items() if not isinstance(v, dict)})
         for k, v in numbers.get("vs_outcome", {}).items():
-            tracker.log({f"difficulty/{split}/vs_outcome/{k}": v})
-        log.info("difficulty (%s) on %s: %d of %d questions difficult", d.name, split, numbers["difficult"],
-                 numbers["questions"])
+            tracker.log({f"difficulty/{label}/{split}/vs_outcome/{k}": v})
+        log.info("difficulty (%s, %s) on %s: %d of %d questions difficult", d.name, label, split,
+                 numbers["difficult"], numbers["questions"])
     return artifact
 
 
@@ -280,12 +315,14 @@ def profile(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Callable, 
 
 
 def training_data(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Callable, train: list[dict],
-                  val: list[dict], smap: Artifact | None, catalogue: Artifact | None, probe_val: Artifact | None,
-                  verdicts: Artifact | None, diagnoses: Artifact | None) -> Artifact:
+                  val: list[dict], smap: Artifact | None, catalogue: Artifact | None,
+                  diagnosis: Diagnosis | None) -> Artifact:
     """STAT step 6: the variant's question-answer pairs at the data budget, with a data card."""
     from stat_exp.data import DataInputs, build_training_data
 
     v = cfg.variant
+    verdicts = diagnosis.verdicts if diagnosis else None
+    diagnoses = diagnosis.profile if diagnosis else None
     if v.name in DIAGNOSED_VARIANTS and diagnoses is None:
         raise ValueError(f"variant={v.name} needs the Missing-Skill-Profile: set difficulty (e.g. difficulty=outcome), "
                          "a teacher, and a skill catalogue")
@@ -334,16 +371,56 @@ def training_data(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Call
     return artifact
 
 
-def evaluate_student(cfg: DictConfig, store: Store, tracker: Tracker, student: Student, *, label: str) -> dict:
-    """Evaluate `student` on every configured benchmark (one cached artifact each) and log it."""
+def finetune(cfg: DictConfig, store: Store, tracker: Tracker, student: Student, data: Artifact, *,
+             label: str) -> Student:
+    """STAT step 7: supervised fine-tuning on the variant's data (TRL SFTTrainer)."""
+    from stat_exp.student.sft import train_sft
+
+    def compute(out: Path) -> dict:
+        rows = [{"question": p["question"], "answer": p["answer"]} for p in data.rows()]
+        return train_sft(student.path, rows, cfg.sft, out, model_cfg=cfg.model, report_to=tracker.report_to)
+
+    artifact = store.stage(
+        "sft",
+        config={"sft": OmegaConf.to_container(cfg.sft), "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
+        inputs={"model": student.key, "data": data.key},
+        version=SFT_VERSION,
+        compute=compute,
+    )
+    tracker.log({f"train/{label}/{k}": v for k, v in artifact.summary.items() if isinstance(v, (int, float))})
+    return Student(str(artifact.path / "model"), artifact.key)
+
+
+def reinforce(cfg: DictConfig, store: Store, tracker: Tracker, student: Student, train: list[dict]) -> Student:
+    """STAT step 8 (optional): GRPO on the training questions with rewards named in `rl.rewards`."""
+    from stat_exp.student.grpo import train_grpo
+
+    def compute(out: Path) -> dict:
+        rows = [{"problem": r["problem"], "answer": r["answer"]} for r in train]
+        return train_grpo(student.path, rows, cfg.rl, out, model_cfg=cfg.model,
+                          use_vllm=cfg.generator.backend == "vllm", report_to=tracker.report_to)
+
+    artifact = store.stage(
+        "rl",
+        config={"rl": OmegaConf.to_container(cfg.rl), "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
+        inputs={"model": student.key, "train": fingerprint(train)},
+        version=RL_VERSION,
+        compute=compute,
+    )
+    tracker.log({f"train/rl/{k}": v for k, v in artifact.summary.items() if isinstance(v, (int, float))})
+    return Student(str(artifact.path / "model"), artifact.key)
+
+
+def evaluate_student(cfg: DictConfig, store: Store, tracker: Tracker, student: Student,
+                     benchmarks: dict[str, list[dict]], *, label: str) -> dict:
+    """STAT step 9: evaluate `student` on every benchmark (one cached artifact each) and log it."""
     results = {}
-    for name in cfg.eval.benchmarks:
-        rows = load_benchmark(cfg.task, name, limit=cfg.eval.limit)
+    for name, rows in benchmarks.items():
         artifact = store.stage(
             "eval",
             config={
                 "benchmark": name,
-                "eval": OmegaConf.to_container(cfg.eval),
+                "eval": {k: v for k, v in OmegaConf.to_container(cfg.eval).items() if k != "benchmarks"},
                 "generator": OmegaConf.to_container(cfg.generator),
                 "prompt": [cfg.model.instruction, cfg.model.system_prompt],
             },
@@ -367,6 +444,48 @@ def evaluate_student(cfg: DictConfig, store: Store, tracker: Tracker, student: S
                 )
         log.info("%s on %s: %s", label, name, {k: v for k, v in metrics.items() if not k.startswith("by_")})
     return results
+
+
+def _benchmarks(cfg: DictConfig, diagnosis: Diagnosis | None) -> dict[str, list[dict]]:
+    """The configured benchmarks, and MATH-D: the test questions the base student found difficult."""
+    benchmarks = {name: load_benchmark(cfg.task, name, limit=cfg.eval.limit) for name in cfg.eval.benchmarks}
+    if diagnosis is not None and "test" in diagnosis.probes:
+        difficult = {r["id"] for r in diagnosis.verdicts.rows("test") if r["difficult"]}
+        rows = [r for r in load_benchmark(cfg.task, cfg.difficulty.test_benchmark) if r["id"] in difficult]
+        if rows:
+            benchmarks[f"{cfg.difficulty.test_benchmark}_d"] = rows
+    return benchmarks
+
+
+def _compare_profiles(tracker: Tracker, before: Diagnosis | None, after: Diagnosis | None) -> None:
+    """The profile after training beside the profile before: which skills' failure counts fell."""
+    from stat_exp.profile import plot_profiles
+
+    if before is None or after is None or before.profile is None or after.profile is None:
+        return
+    f_before, f_after = before.profile.summary["profile"], after.profile.summary["profile"]
+    skills = list(dict.fromkeys([*f_before, *f_after]))
+    rows = [[s, f_before.get(s, 0), f_after.get(s, 0), f_before.get(s, 0) - f_after.get(s, 0)] for s in skills]
+    tracker.table("profile/before_after", ["skill", "before", "after", "fell_by"], rows)
+    tracker.log({"profile/skills_fell": sum(r[3] > 0 for r in rows), "profile/skills_rose": sum(r[3] < 0 for r in rows)})
+    plot_profiles({"before": f_before, "after": f_after}, tracker.run_dir / "profile_before_after.png",
+                  title="Missing-Skill-Profile before and after training")
+
+
+def _summary_table(tracker: Tracker) -> None:
+    """Benchmark x stage accuracy, in metrics.json, W&B and the log."""
+    results = tracker.metrics.get("eval", {})
+    stages = list(results)
+    names = list(dict.fromkeys(name for stage in stages for name in results[stage]))
+    if not names:
+        return
+    rows = [[name, *[results[stage].get(name, {}).get("pass@1") for stage in stages]] for name in names]
+    tracker.table("summary", ["benchmark", *stages], rows)
+    tracker.metrics["summary"] = {name: dict(zip(stages, row[1:])) for name, row in zip(names, rows)}
+    width = max(len(n) for n in names) + 2
+    lines = [f"{'pass@1':<{width}}" + "".join(f"{s:>10}" for s in stages)]
+    lines += [f"{row[0]:<{width}}" + "".join(f"{'-' if v is None else f'{v:.3f}':>10}" for v in row[1:]) for row in rows]
+    log.info("summary\n%s", "\n".join(lines))
 
 
 def _lazy_teacher(cfg: DictConfig, store: Store) -> Callable:

@@ -34,6 +34,11 @@ class Tracker:
         elif cfg.logger.name != "none":
             raise ValueError(f"unknown logger {cfg.logger.name!r}; choose wandb or none")
 
+    @property
+    def report_to(self) -> str:
+        """What TRL should report its training curves to: this job's W&B run, when there is one."""
+        return "wandb" if self.wandb_run is not None else "none"
+
     def log(self, metrics: dict[str, Any]) -> None:
         """Record flat `a/b/c` metrics: nested into metrics.json, flat into W&B."""
         for name, value in metrics.items():

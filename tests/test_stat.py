@@ -90,7 +90,7 @@ def test_multirun_over_variants_computes_upstream_stages_once(tmp_path, math_lik
     # Each training question labelled once, each difficult answer diagnosed once, for both jobs.
     assert teacher.kinds["labelling"] == 34
     metrics = [json.loads((j / "metrics.json").read_text()) for j in jobs]
-    difficult = metrics[0]["difficulty"]["val"]["difficult"]
+    difficult = metrics[0]["difficulty"]["base"]["val"]["difficult"]
     assert difficult >= 1 and teacher.kinds["diagnosis"] == difficult
     assert teacher.kinds["rewrite"] > 0 and teacher.kinds["synthesis"] > 0 and teacher.kinds["solution"] > 0
     assert [m["data"]["pairs"] for m in metrics] == [30, 30]
