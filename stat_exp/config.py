@@ -262,7 +262,6 @@ class RLConfig:
     rewards: List[str] = field(default_factory=lambda: ["correctness"])  # names in stat_exp.rewards
     reward_weights: Optional[List[float]] = None
     max_steps: int = -1
-    lora: bool = False
     bf16: bool = True
     logging_steps: int = 10
     seed: int = 0

@@ -131,15 +131,24 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def chat_messages(problem: str, *, instruction: str, system_prompt: str | None = None) -> list[dict]:
+    """The zero-shot conversation for `problem`: an optional system turn, then the user turn.
+
+    The one definition of the question as the student sees it: prompts for generation and
+    the prompts of SFT and GRPO training data are all built from it.
+    """
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": f"{problem}\n\n{instruction}"})
+    return messages
+
+
 def format_prompt(tokenizer: Any, problem: str, *, instruction: str, system_prompt: str | None = None) -> str:
     """The zero-shot prompt text for `problem`, ending where the model's answer begins."""
-    user = f"{problem}\n\n{instruction}"
+    messages = chat_messages(problem, instruction=instruction, system_prompt=system_prompt)
     if tokenizer.chat_template is None:
         # Base models without a chat template get a plain completion-style prompt.
         prefix = f"{system_prompt}\n\n" if system_prompt else ""
-        return f"{prefix}Question: {user}\nAnswer:"
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": user})
+        return f"{prefix}Question: {messages[-1]['content']}\nAnswer:"
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

@@ -1,0 +1,147 @@
+"""Reinforcement learning after SFT (STAT step 8) with TRL's GRPOTrainer and rewards from `stat_exp.rewards`.
+
+Batch arithmetic. TRL 1.16 counts every batch in completions, not questions:
+- `per_device_train_batch_size` (B): completions in one forward/backward pass on one process;
+- `gradient_accumulation_steps` (A): passes per optimizer step, so one step sees B * A * P
+  completions over P processes;
+- `generation_batch_size` (global, defaults to B * P * A): completions sampled in one round, as
+  generation_batch_size / num_generations questions times num_generations samples each; TRL
+  derives `steps_per_generation` = generation_batch_size / (B * P) passes to spend them on.
+So with generation_batch_size = Q * G and B * A * P = Q * G, one round of Q questions x G
+samples feeds exactly one optimizer step (steps_per_generation = A; with TRL's default
+num_iterations = 1 each completion is used once, on-policy). We take B = G, one question's
+group per pass, hence A = Q / P: the paper's 256 questions x 4 samples on one GPU are 256
+passes of 4 completions per step. `grpo_batch` computes this.
+
+Without vLLM, transformers samples a process's whole round (Q * G / P completions) in one
+`generate` call; at the paper's 1024 completions of up to 2048 tokens that KV cache outgrows a
+GPU, so paper-scale runs need `use_vllm` (or a smaller `questions_per_batch`).
+"""
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stat_exp.config import ModelConfig, RLConfig
+from stat_exp.rewards import get_rewards
+from stat_exp.student.models import load_tokenizer
+from stat_exp.student.sft import device_settings, model_revision, training_prompt
+
+
+@dataclass(frozen=True)
+class GRPOBatch:
+    """TRL's batch settings for `questions_per_batch` questions x `num_generations` samples per optimizer step."""
+
+    per_device: int  # per_device_train_batch_size: completions per forward/backward pass
+    accumulation: int  # gradient_accumulation_steps: passes per optimizer step, per process
+    generation: int  # generation_batch_size: completions sampled per round, all processes together
+
+
+def grpo_batch(questions_per_batch: int, num_generations: int, world_size: int) -> GRPOBatch:
+    """One question's group of completions per pass; enough passes that a step covers all the questions."""
+    if num_generations < 2:
+        raise ValueError(f"GRPO needs at least 2 generations per question, got {num_generations}")
+    if questions_per_batch < 1 or questions_per_batch % world_size:
+        raise ValueError(
+            f"questions_per_batch ({questions_per_batch}) must be a positive multiple of the number of "
+            f"processes ({world_size})"
+        )
+    return GRPOBatch(
+        per_device=num_generations,
+        accumulation=questions_per_batch // world_size,
+        generation=questions_per_batch * num_generations,
+    )
+
+
+def grpo_dataset(rows: Sequence[dict], tokenizer: Any, model_cfg: ModelConfig) -> Any:
+    """TRL prompts from `{"problem", "answer"}` rows; the `answer` column reaches the reward functions."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [{"prompt": training_prompt(tokenizer, row["problem"], model_cfg), "answer": row["answer"]} for row in rows]
+    )
+
+
+def train_grpo(
+    model_path: str,
+    rows: Sequence[dict],
+    cfg: RLConfig,
+    out_dir: Path,
+    *,
+    model_cfg: ModelConfig,
+    use_vllm: bool = False,
+    report_to: str = "none",
+) -> dict:
+    """Trains `model_path` with GRPO on `rows` (`{"problem", "answer"}`, the answer a final answer).
+
+    Writes the trained model and tokenizer to `out_dir/model`. `report_to` is TRL's ("wandb":
+    the reward curve goes into the active W&B run). Returns the logged reward statistics (one
+    entry per logged step), steps and seconds. A question whose samples all score alike has
+    zero advantage and teaches nothing; `zero_std_fractions` shows how many did.
+    """
+    from trl import GRPOConfig, GRPOTrainer
+
+    if not rows:
+        raise ValueError("no training rows")
+    settings = device_settings(
+        {"use_cpu": False, "bf16": cfg.bf16, "activation_checkpointing": True, "dtype": model_cfg.dtype}
+    )
+    if use_vllm and settings["use_cpu"]:
+        raise ValueError("use_vllm needs a GPU")
+    # WORLD_SIZE is set by accelerate launch and torchrun; a plain run is one process.
+    batch = grpo_batch(cfg.questions_per_batch, cfg.num_generations, int(os.environ.get("WORLD_SIZE", "1")))
+    revision = model_revision(model_path, model_cfg)
+    tokenizer = load_tokenizer(model_path, revision)
+    model_init_kwargs: dict[str, Any] = {"dtype": settings["dtype"]}
+    if revision is not None:
+        model_init_kwargs["revision"] = revision
+    args = GRPOConfig(
+        output_dir=str(out_dir),
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        beta=cfg.beta,
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=batch.per_device,
+        gradient_accumulation_steps=batch.accumulation,
+        generation_batch_size=batch.generation,
+        reward_weights=list(cfg.reward_weights) if cfg.reward_weights is not None else None,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        bf16=settings["bf16"],
+        use_cpu=settings["use_cpu"],
+        activation_checkpointing=settings["activation_checkpointing"],  # transformers 5's gradient_checkpointing
+        model_init_kwargs=model_init_kwargs,
+        use_vllm=use_vllm,
+        save_strategy="no",  # out_dir/model is written below
+        report_to=report_to,
+    )
+    trainer = GRPOTrainer(
+        model=model_path,
+        reward_funcs=get_rewards(cfg.rewards),
+        args=args,
+        train_dataset=grpo_dataset(rows, tokenizer, model_cfg),
+        processing_class=tokenizer,
+    )
+    start = time.monotonic()
+    trainer.train()
+    seconds = time.monotonic() - start
+    trainer.save_model(str(out_dir / "model"))
+
+    def logged(metric: str) -> list[float]:
+        return [entry[metric] for entry in trainer.state.log_history if metric in entry]
+
+    return {
+        "rewards": logged("reward"),  # mean (weighted) reward of each logged step
+        "reward_stds": logged("reward_std"),  # its spread over the whole batch
+        "zero_std_fractions": logged("frac_reward_zero_std"),  # questions whose samples all scored alike
+        "steps": trainer.state.global_step,
+        "seconds": seconds,
+        "settings": settings,  # as trained: CPU-safe values where no GPU was visible
+    }

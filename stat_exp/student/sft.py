@@ -1,0 +1,253 @@
+"""Supervised fine-tuning of the student (STAT step 7) with TRL's SFTTrainer, LoRA or QLoRA through peft.
+
+The paper trains QLoRA adapters (`conf/sft/qlora.yaml`); where no GPU is visible the same
+config trains on the CPU (see `device_settings`). Whatever the method, `out_dir/model` ends up
+holding plain full weights and the tokenizer, which every generation backend can load.
+torch, transformers, trl and peft are imported inside functions so that the CLI starts fast.
+"""
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stat_exp.config import ModelConfig, SFTConfig
+from stat_exp.student.models import DTYPES, chat_messages, format_prompt, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# What training without a GPU changes: bitsandbytes (4-bit weights, paged and 8-bit optimizers)
+# and bf16 mixed precision need CUDA; activation (gradient) checkpointing only trades speed for GPU memory.
+_CPU_SAFE: dict[str, Any] = {
+    "use_cpu": True,
+    "bf16": False,
+    "load_in_4bit": False,
+    "activation_checkpointing": False,
+    "dtype": "float32",  # without mixed precision, bf16 weights would be trained in bf16 itself
+}
+_BNB_OPTIM_MARKERS = ("8bit", "paged", "bnb")  # optimizer names that need bitsandbytes
+
+
+def device_settings(requested: dict[str, Any]) -> dict[str, Any]:
+    """`requested` training settings, or CPU-safe ones when no GPU is visible (what changed is logged once).
+
+    Keys among use_cpu, bf16, load_in_4bit, activation_checkpointing, dtype and optim are adjusted;
+    the optimizer only when it needs bitsandbytes (-> adamw_torch).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return dict(requested)
+    safe = {key: _CPU_SAFE.get(key, value) for key, value in requested.items()}
+    if "optim" in safe and any(marker in safe["optim"] for marker in _BNB_OPTIM_MARKERS):
+        safe["optim"] = "adamw_torch"
+    changed = [f"{key} {requested[key]!r} -> {safe[key]!r}" for key in safe if safe[key] != requested[key]]
+    if changed:
+        logger.warning("no GPU: training on the CPU with %s", ", ".join(changed))
+    return safe
+
+
+def model_revision(model_path: str, model_cfg: ModelConfig) -> str | None:
+    """`model_cfg.revision` when `model_path` is its hub id; a trained checkpoint is a plain directory."""
+    return model_cfg.revision if model_path == model_cfg.hub_id else None
+
+
+def training_prompt(tokenizer: Any, problem: str, model_cfg: ModelConfig) -> list[dict] | str:
+    """The prompt of a training example, as the student sees `problem` at generation time.
+
+    Chat messages (`chat_messages`) when the tokenizer has a chat template, so that TRL applies
+    it; otherwise the plain-text prompt of `format_prompt`.
+    """
+    prompt_args = {"instruction": model_cfg.instruction, "system_prompt": model_cfg.system_prompt}
+    if tokenizer.chat_template is None:
+        return format_prompt(tokenizer, problem, **prompt_args)
+    return chat_messages(problem, **prompt_args)
+
+
+def sft_dataset(rows: Sequence[dict], tokenizer: Any, model_cfg: ModelConfig) -> Any:
+    """A TRL prompt-completion dataset of `{"question", "answer"}` rows: loss falls on the answer only."""
+    from datasets import Dataset
+
+    records = []
+    for row in rows:
+        prompt = training_prompt(tokenizer, row["question"], model_cfg)
+        if isinstance(prompt, str):
+            # TRL appends the EOS token to a plain-text completion, so the model learns to stop.
+            completion: list[dict] | str = " " + row["answer"]
+        else:
+            completion = [{"role": "assistant", "content": row["answer"]}]
+        records.append({"prompt": prompt, "completion": completion})
+    return Dataset.from_list(records)
+
+
+def train_sft(
+    model_path: str,
+    rows: Sequence[dict],
+    cfg: SFTConfig,
+    out_dir: Path,
+    *,
+    model_cfg: ModelConfig,
+    eval_rows: Sequence[dict] | None = None,
+    report_to: str = "none",
+) -> dict:
+    """Fine-tunes `model_path` on `rows` (`{"question", "answer"}`, the answer a full solution).
+
+    Writes `out_dir/adapter` (LoRA only) and `out_dir/model` (full weights, LoRA merged, and the
+    tokenizer). `report_to` is TRL's: "wandb" logs the training curve into the active W&B run.
+    Returns the logged losses, the final (last logged) and mean loss, the eval loss (with
+    `eval_rows`), steps, seconds, trainable parameters and the device settings used.
+    """
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    if not rows:
+        raise ValueError("no training rows")
+    if cfg.load_in_4bit and not cfg.lora:
+        raise ValueError("load_in_4bit needs lora: a 4-bit model cannot be fully fine-tuned")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    settings = device_settings(
+        {
+            "use_cpu": False,
+            "bf16": cfg.bf16,
+            "load_in_4bit": cfg.load_in_4bit,
+            "activation_checkpointing": True,  # TRL's default
+            "dtype": model_cfg.dtype,
+            "optim": cfg.optim,
+        }
+    )
+    revision = model_revision(model_path, model_cfg)
+    tokenizer = load_tokenizer(model_path, revision)
+    args = TRLSFTConfig(
+        output_dir=str(out_dir),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        per_device_eval_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5 dropped warmup_ratio: a float below 1 is a ratio
+        max_grad_norm=cfg.max_grad_norm,
+        weight_decay=cfg.weight_decay,
+        # transformers 5 replaced group_by_length with a sampling strategy.
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        max_length=cfg.max_length,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        optim=settings["optim"],
+        bf16=settings["bf16"],
+        use_cpu=settings["use_cpu"],
+        activation_checkpointing=settings["activation_checkpointing"],  # transformers 5's gradient_checkpointing
+        eval_strategy="epoch" if eval_rows else "no",
+        save_strategy="no",  # out_dir/adapter and out_dir/model are written below
+        report_to=report_to,
+    )
+    model = _load_model(model_path, revision, settings["dtype"], settings["load_in_4bit"], args.local_process_index)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=sft_dataset(rows, tokenizer, model_cfg),
+        eval_dataset=sft_dataset(eval_rows, tokenizer, model_cfg) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(model, cfg) if cfg.lora else None,
+    )
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    start = time.monotonic()
+    result = trainer.train()
+    seconds = time.monotonic() - start
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
+
+    if cfg.lora:
+        trainer.save_model(str(out_dir / "adapter"))
+        if trainer.accelerator.is_main_process:
+            save_merged(model_path, revision, model_cfg.dtype, out_dir / "adapter", out_dir / "model", tokenizer)
+    else:
+        trainer.save_model(str(out_dir / "model"))
+    trainer.accelerator.wait_for_everyone()
+
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "losses": losses,
+        "final_loss": losses[-1] if losses else result.training_loss,
+        "mean_loss": result.training_loss,
+        "eval_loss": eval_loss,
+        "steps": trainer.state.global_step,
+        "seconds": seconds,
+        "trainable_params": trainable,
+        "settings": settings,  # as trained: CPU-safe values where no GPU was visible
+    }
+
+
+def _load_model(model_path: str, revision: str | None, dtype: str, load_in_4bit: bool, device_index: int) -> Any:
+    """The model to train: in `dtype`, or 4-bit NF4 with bf16 compute (QLoRA) on this process's GPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype)}
+    if load_in_4bit:
+        # BitsAndBytesConfig is plain data; bitsandbytes itself is imported by transformers at load time.
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+        kwargs["device_map"] = {"": device_index}  # quantized weights are placed at load, one copy per process
+    return AutoModelForCausalLM.from_pretrained(model_path, revision=revision, **kwargs)
+
+
+def _torch_dtype(dtype: str) -> Any:
+    """A `ModelConfig.dtype` as `from_pretrained` takes it: "auto" or a torch dtype."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return dtype if dtype == "auto" else getattr(torch, dtype)
+
+
+def lora_config(model: Any, cfg: SFTConfig) -> Any:
+    """peft's LoraConfig from `cfg`, targeting those of `cfg.lora_targets` that `model` has (none: an error)."""
+    from peft import LoraConfig
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [target for target in cfg.lora_targets if target in present]
+    if not targets:
+        raise ValueError(
+            f"none of the LoRA targets {list(cfg.lora_targets)} is a module of {type(model).__name__}; "
+            f"its linear layers are named like {sorted(_linear_names(model))}"
+        )
+    missing = [target for target in cfg.lora_targets if target not in present]
+    if missing:
+        logger.warning("LoRA targets %s are not in %s: adapting %s only", missing, type(model).__name__, targets)
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _linear_names(model: Any) -> set[str]:
+    import torch
+
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def save_merged(
+    model_path: str, revision: str | None, dtype: str, adapter_dir: Path, model_dir: Path, tokenizer: Any
+) -> None:
+    """Merges the adapter in `adapter_dir` into a fresh, unquantized copy of the base model; saves it with `tokenizer`.
+
+    Merging into the trained (possibly 4-bit) model would save quantized, rounded weights; the
+    base reloaded in `dtype` gives the plain checkpoint that vLLM and transformers load as is.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, revision=revision, dtype=_torch_dtype(dtype))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)

@@ -1,0 +1,99 @@
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, compose_config
+
+from stat_exp.config import ModelConfig, RLConfig
+from stat_exp.rewards import REWARDS
+from stat_exp.student.grpo import GRPOBatch, grpo_batch, grpo_dataset, train_grpo
+from stat_exp.student.models import chat_messages, load_tokenizer
+
+MODEL = ModelConfig(name="tiny", dtype="float32")
+ROWS = [{"problem": f"What is {a}+{b}?", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (10, 20), (7, 8)]]
+
+
+def small(rewards: list[str]) -> RLConfig:
+    """Two optimizer steps of 2 questions x 4 samples of 8 tokens; a learning rate that visibly moves weights."""
+    return RLConfig(
+        name="grpo", learning_rate=1e-3, num_generations=4, max_completion_length=8, questions_per_batch=2,
+        max_steps=2, logging_steps=1, rewards=rewards, bf16=False,
+    )
+
+
+def coin(completions: list, answer: list[str], completion_ids: list[list[int]], **kwargs) -> list[float]:
+    """Scores a random bit of each sample (its first token's parity): samples of one question disagree."""
+    assert len(answer) == len(completions) == len(completion_ids)
+    return [float(ids[0] % 2) if ids else 0.0 for ids in completion_ids]
+
+
+def constant(completions: list, answer: list[str], **kwargs) -> list[float]:
+    return [1.0] * len(completions)
+
+
+def changed_weights(before: Path, after: Path) -> list[str]:
+    from safetensors.torch import load_file
+
+    a, b = load_file(before / "model.safetensors"), load_file(after / "model" / "model.safetensors")
+    assert set(a) == set(b)
+    return [name for name in a if not a[name].equal(b[name])]
+
+
+def test_varying_rewards_change_the_policy(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(REWARDS, "coin", coin)
+    # correctness runs inside TRL's loop too (the random model never answers right: 0 everywhere).
+    summary = train_grpo(str(tiny_model_dir), ROWS, small(["correctness", "coin"]), tmp_path, model_cfg=MODEL)
+    assert summary["steps"] == 2 and len(summary["rewards"]) == 2
+    assert all(std > 0 for std in summary["reward_stds"])
+    assert min(summary["zero_std_fractions"]) < 1  # some question's samples scored differently
+    assert changed_weights(tiny_model_dir, tmp_path)
+    assert load_tokenizer(str(tmp_path / "model")).chat_template is not None
+
+
+def test_constant_rewards_leave_the_policy_alone(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Equal rewards within a group give zero advantages, so no gradient (beta=0: no KL term either)."""
+    monkeypatch.setitem(REWARDS, "constant", constant)
+    summary = train_grpo(str(tiny_model_dir), ROWS, small(["constant"]), tmp_path, model_cfg=MODEL)
+    assert summary["rewards"] == [1.0, 1.0] and summary["zero_std_fractions"] == [1.0, 1.0]
+    assert changed_weights(tiny_model_dir, tmp_path) == []
+
+
+def test_batch_arithmetic() -> None:
+    # The paper on one GPU: 256 questions x 4 samples = 1024 completions per optimizer step.
+    assert grpo_batch(256, 4, 1) == GRPOBatch(per_device=4, accumulation=256, generation=1024)
+    assert grpo_batch(256, 4, 8) == GRPOBatch(per_device=4, accumulation=32, generation=1024)
+    with pytest.raises(ValueError, match="multiple of the number of processes"):
+        grpo_batch(100, 4, 8)
+    with pytest.raises(ValueError, match="at least 2"):
+        grpo_batch(256, 1, 1)
+
+
+def test_batch_arithmetic_matches_trl() -> None:
+    """TRL derives one generation round per optimizer step from our settings."""
+    from trl import GRPOConfig
+
+    batch = grpo_batch(6, 4, 1)
+    args = GRPOConfig(
+        output_dir="unused", use_cpu=True, bf16=False, activation_checkpointing=False, num_generations=4,
+        report_to="none",
+        per_device_train_batch_size=batch.per_device, gradient_accumulation_steps=batch.accumulation,
+        generation_batch_size=batch.generation,
+    )
+    assert args.steps_per_generation == args.gradient_accumulation_steps == 6
+    assert args.generation_batch_size // args.num_generations == 6  # questions per step
+
+
+def test_dataset_keeps_the_answer(tiny_model_dir: Path) -> None:
+    row = grpo_dataset(ROWS[:1], load_tokenizer(str(tiny_model_dir)), MODEL)[0]
+    assert row == {"prompt": chat_messages(ROWS[0]["problem"], instruction=MODEL.instruction), "answer": "3"}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "rl").glob("*.yaml")))
+def test_rl_configs_compose(name: str) -> None:
+    cfg = compose_config(f"rl={name}").rl
+    assert cfg.name == name
+    grpo_batch(cfg.questions_per_batch, cfg.num_generations, 1)
+    assert set(cfg.rewards) <= set(REWARDS)
