@@ -59,6 +59,10 @@ def math_like_data(tmp_path):
              "type": "Algebra", "level": f"Level {1 + i % 5}"} for i in range(40)]
     (data / "math" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (data / "skills.json").write_text(json.dumps({"Algebra": SKILLS}))
+    (data / "math500").mkdir()
+    tests = [{"problem": f"Problem {i}: what is {i} + {i}?", "solution": "", "answer": str(2 * i), "subject": "Algebra",
+              "level": 1 + i % 5, "unique_id": f"test/{i}"} for i in range(100, 106)]
+    (data / "math500" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tests))
     return data
 
 
@@ -103,3 +107,41 @@ def test_multirun_over_variants_computes_upstream_stages_once(tmp_path, math_lik
     assert {r["group"] for r in runs} == {"stat_sweep"}
     assert {r["config"]["variant"]["name"] for r in runs} == {"sel", "syn"}
     assert all(r["summary"]["data/pairs"] == 30 for r in runs)
+
+
+def test_multirun_sel_and_train_fine_tunes_and_evaluates_before_and_after(tmp_path, math_like_data):
+    teacher = ScriptedTeacher()
+    with TeacherServer(teacher) as server:
+        command = [
+            sys.executable, "-m", "stat_exp", "-m", "variant=sel,train",
+            f"task.data_dir={math_like_data}", "task.val_size=6", "task.skills.catalogue_file=skills.json",
+            "teacher=local", f"teacher.api_base={server.url}", "teacher.model=openai/scripted",
+            "difficulty=outcome", "difficulty.max_tokens=8", "eval.benchmarks=[math500]", "eval.limit=4", "eval.max_tokens=8", "data.budget=16",
+            "sft=lora", "sft.max_steps=2", "sft.logging_steps=1", "sft.max_length=128", "experiment_name=sft_sweep",
+            "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
+            f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ]
+        env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+        env.pop("WANDB_API_KEY", None)
+        out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-4000:]
+
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    metrics = [json.loads((j / "metrics.json").read_text()) for j in jobs]
+    statuses = [[(s["stage"], s["status"]) for s in m["stages"]] for m in metrics]
+    assert ("sft", "computed") in statuses[0] and ("sft", "computed") in statuses[1]
+    # Everything before the second job's data stage was shared with the first job.
+    upstream = statuses[1][: statuses[1].index(("data", "computed"))]
+    assert {stage for stage, _ in upstream} >= {"skill_map", "probe", "difficulty", "profile", "eval"}
+    assert all(status == "reused" for _, status in upstream)
+    for m in metrics:
+        assert set(m["eval"]) == {"base", "sft"}  # before and after fine-tuning
+        assert set(m["summary"]) == {"math500", "math500_d"}  # MATH-D: the test questions found difficult
+        assert set(m["summary"]["math500"]) == {"base", "sft"}
+        assert m["train"]["sft1"]["steps"] == 2
+        assert "profile" in m and "after" in m["profile"]
+    runs = [logged(j) for j in jobs]
+    assert [r["group"] for r in runs] == ["sft_sweep", "sft_sweep"]
+    assert {r["config"]["variant"]["name"] for r in runs} == {"sel", "train"}
+    assert all(any("train/loss" in h for h in r["history"]) for r in runs)  # TRL's curve in the job's run
+    assert (jobs[0] / "profile_before_after.png").exists()
