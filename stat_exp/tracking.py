@@ -82,7 +82,8 @@ def _start_wandb(cfg: DictConfig, run_dir: Path):
         project=cfg.logger.project,
         entity=cfg.logger.entity,
         group=cfg.experiment_name,
-        name=run_dir.name,
+        job_type=cfg.variant.name,  # the dashboard compares variants side by side
+        name=_run_name(run_dir),
         tags=list(cfg.logger.tags),
         config=resolved_config(cfg),
         dir=str(run_dir),
@@ -91,6 +92,15 @@ def _start_wandb(cfg: DictConfig, run_dir: Path):
     )
     log.info("W&B run %s (%s) in %s", run.id, mode, run_dir)
     return run
+
+
+def _run_name(run_dir: Path) -> str:
+    """The job's overrides (e.g. `model=qwen,variant=sel`), else the run folder's name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return HydraConfig.get().job.override_dirname or run_dir.name
+    return run_dir.name
 
 
 def _flatten(node: dict, prefix: str = "") -> dict:

@@ -4,8 +4,10 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from hydra import compose, initialize_config_dir
+
 from helpers import ROOT, compose_config
-from stat_exp.config import MASK, mask_secrets
+from stat_exp.config import MASK, mask_secrets, register_configs
 
 CONF = ROOT / "conf"
 GROUPS = ["task", "model", "teacher", "generator", "eval", "variant", "logger", "experiment"]
@@ -57,3 +59,20 @@ def test_secrets_are_masked_but_sampling_fields_kept():
     assert masked["teacher"]["base"]["secret"] is None
     assert masked["model"]["tiny"]["tokenizer_corpus_size"] == 10
     assert cfg["teacher"]["api_key"] == "sk-live"  # the original is untouched
+
+
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
+def test_sweep_files_compose_with_their_grid(sweep):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+sweeps={sweep}"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params and cfg.experiment_name == sweep
+    for key in cfg.hydra.sweeper.params:  # every swept key exists in the config
+        assert key.split("/")[0] in cfg or OmegaConf.select(cfg, key) is not None
+
+
+def test_slurm_launcher_composes():
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher.gpus_per_node == 1 and "SlurmLauncher" in cfg.hydra.launcher._target_

@@ -142,6 +142,9 @@ def test_multirun_sel_and_train_fine_tunes_and_evaluates_before_and_after(tmp_pa
         assert "profile" in m and "after" in m["profile"]
     runs = [logged(j) for j in jobs]
     assert [r["group"] for r in runs] == ["sft_sweep", "sft_sweep"]
+    assert [r["job_type"] for r in runs] == ["sel", "train"]
+    assert "variant=sel" in runs[0]["name"] and "variant=train" in runs[1]["name"]
+    assert "paths.cache_dir" not in runs[0]["name"]
     assert {r["config"]["variant"]["name"] for r in runs} == {"sel", "train"}
     assert all(any("train/loss" in h for h in r["history"]) for r in runs)  # TRL's curve in the job's run
     assert (jobs[0] / "profile_before_after.png").exists()

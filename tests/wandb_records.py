@@ -36,9 +36,9 @@ def _chunks(data: bytes):
 
 
 def logged(run_dir: Path) -> dict:
-    """{'history': [{key: value}], 'summary': {...}, 'config': {...}} of the run's only W&B run."""
+    """History, summary, config, group, name and job type of the run folder's only W&B run."""
     (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
-    out = {"history": [], "summary": {}, "config": {}, "group": None}
+    out = {"history": [], "summary": {}, "config": {}, "group": None, "name": None, "job_type": None}
     for chunk in _chunks(path.read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(chunk)
@@ -49,6 +49,7 @@ def logged(run_dir: Path) -> dict:
             out["summary"].update({_key(i): json.loads(i.value_json) for i in record.summary.update})
         if kind == "run":
             out["group"] = record.run.run_group
+            out["name"], out["job_type"] = record.run.display_name, record.run.job_type
         if kind in ("config", "run"):
             config = record.config if kind == "config" else record.run.config
             out["config"].update({_key(i): json.loads(i.value_json) for i in config.update})
