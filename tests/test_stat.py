@@ -117,7 +117,7 @@ def test_multirun_sel_and_train_fine_tunes_and_evaluates_before_and_after(tmp_pa
             f"task.data_dir={math_like_data}", "task.val_size=6", "task.skills.catalogue_file=skills.json",
             "teacher=local", f"teacher.api_base={server.url}", "teacher.model=openai/scripted",
             "difficulty=outcome", "difficulty.max_tokens=8", "eval.benchmarks=[math500]", "eval.limit=4", "eval.max_tokens=8", "data.budget=16",
-            "sft=lora", "sft.max_steps=2", "sft.logging_steps=1", "sft.max_length=128", "experiment_name=sft_sweep",
+            "sft=lora", "sft.max_steps=2", "sft.logging_steps=1", "sft.max_length=128", "stat.rounds=2", "experiment_name=sft_sweep",
             "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
             f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ]
@@ -138,8 +138,8 @@ def test_multirun_sel_and_train_fine_tunes_and_evaluates_before_and_after(tmp_pa
         assert set(m["eval"]) == {"base", "sft"}  # before and after fine-tuning
         assert set(m["summary"]) == {"math500", "math500_d"}  # MATH-D: the test questions found difficult
         assert set(m["summary"]["math500"]) == {"base", "sft"}
-        assert m["train"]["sft1"]["steps"] == 2
-        assert "profile" in m and "after" in m["profile"]
+        assert m["train"]["sft1"]["steps"] == m["train"]["sft2"]["steps"] == 2  # two STAT rounds
+        assert {"base", "round2", "after"} <= set(m["profile"])  # each round's profile is logged
     runs = [logged(j) for j in jobs]
     assert [r["group"] for r in runs] == ["sft_sweep", "sft_sweep"]
     assert [r["job_type"] for r in runs] == ["sel", "train"]
