@@ -244,6 +244,7 @@ class SFTConfig:
     bf16: bool = True
     logging_steps: int = 10
     seed: int = 0
+    num_processes: Optional[int] = None  # set: train in N processes (one per GPU) under `accelerate launch`
 
 
 @dataclass

@@ -374,15 +374,18 @@ def training_data(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Call
 def finetune(cfg: DictConfig, store: Store, tracker: Tracker, student: Student, data: Artifact, *,
              label: str) -> Student:
     """STAT step 7: supervised fine-tuning on the variant's data (TRL SFTTrainer)."""
-    from stat_exp.student.sft import train_sft
+    from stat_exp.student.sft import launch_sft, train_sft
 
     def compute(out: Path) -> dict:
         rows = [{"question": p["question"], "answer": p["answer"]} for p in data.rows()]
+        if cfg.sft.num_processes:  # several GPUs: this stage alone runs under `accelerate launch`
+            return launch_sft(student.path, rows, cfg.sft, out, model_cfg=cfg.model)
         return train_sft(student.path, rows, cfg.sft, out, model_cfg=cfg.model, report_to=tracker.report_to)
 
     artifact = store.stage(
         "sft",
-        config={"sft": OmegaConf.to_container(cfg.sft), "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
+        config={"sft": {k: v for k, v in OmegaConf.to_container(cfg.sft).items() if k != "num_processes"},
+                "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
         inputs={"model": student.key, "data": data.key},
         version=SFT_VERSION,
         compute=compute,
