@@ -127,6 +127,10 @@ class Teacher:
         from tqdm import tqdm
 
         litellm.suppress_debug_info = True
+        if self.cfg.model.startswith("oracle/"):  # skillworld's exact teacher, a litellm custom provider
+            from stat_exp.teacher.oracle import register
+
+            register()
         self._litellm = litellm
         self._slots = asyncio.Semaphore(self.cfg.concurrency)
         self._next_start = time.monotonic()
