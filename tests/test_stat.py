@@ -51,6 +51,23 @@ class ScriptedTeacher:
         raise AssertionError(prompt[:300])
 
 
+def run_sweep(teacher: ScriptedTeacher, data, tmp_path, *overrides: str) -> None:
+    """`python -m stat_exp -m ...` on the tiny model with the scripted teacher, W&B offline."""
+    with TeacherServer(teacher) as server:
+        command = [
+            sys.executable, "-m", "stat_exp", "-m", *overrides,
+            f"task.data_dir={data}", "task.val_size=6", "task.skills.catalogue_file=skills.json",
+            "teacher=local", f"teacher.api_base={server.url}", "teacher.model=openai/scripted",
+            "difficulty=outcome", "difficulty.max_tokens=8",
+            "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
+            f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ]
+        env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+        env.pop("WANDB_API_KEY", None)
+        out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-4000:]
+
+
 @pytest.fixture
 def math_like_data(tmp_path):
     data = tmp_path / "data"
@@ -68,20 +85,8 @@ def math_like_data(tmp_path):
 
 def test_multirun_over_variants_computes_upstream_stages_once(tmp_path, math_like_data):
     teacher = ScriptedTeacher()
-    with TeacherServer(teacher) as server:
-        command = [
-            sys.executable, "-m", "stat_exp", "-m", "variant=sel,syn",
-            f"task.data_dir={math_like_data}", "task.val_size=6", "task.skills.catalogue_file=skills.json",
-            "teacher=local", f"teacher.api_base={server.url}", "teacher.model=openai/scripted",
-            "difficulty=outcome", "difficulty.test_benchmark=null", "difficulty.max_tokens=8",
-            "eval.benchmarks=[]", "data.budget=30", "experiment_name=stat_sweep",
-            "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
-            f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ]
-        env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-        env.pop("WANDB_API_KEY", None)
-        out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-4000:]
+    run_sweep(teacher, math_like_data, tmp_path, "variant=sel,syn", "difficulty.test_benchmark=null",
+              "eval.benchmarks=[]", "data.budget=30", "experiment_name=stat_sweep")
 
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert len(jobs) == 2
@@ -111,20 +116,9 @@ def test_multirun_over_variants_computes_upstream_stages_once(tmp_path, math_lik
 
 def test_multirun_sel_and_train_fine_tunes_and_evaluates_before_and_after(tmp_path, math_like_data):
     teacher = ScriptedTeacher()
-    with TeacherServer(teacher) as server:
-        command = [
-            sys.executable, "-m", "stat_exp", "-m", "variant=sel,train",
-            f"task.data_dir={math_like_data}", "task.val_size=6", "task.skills.catalogue_file=skills.json",
-            "teacher=local", f"teacher.api_base={server.url}", "teacher.model=openai/scripted",
-            "difficulty=outcome", "difficulty.max_tokens=8", "eval.benchmarks=[math500]", "eval.limit=4", "eval.max_tokens=8", "data.budget=16",
-            "sft=lora", "sft.max_steps=2", "sft.logging_steps=1", "sft.max_length=128", "stat.rounds=2", "experiment_name=sft_sweep",
-            "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
-            f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ]
-        env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-        env.pop("WANDB_API_KEY", None)
-        out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-4000:]
+    run_sweep(teacher, math_like_data, tmp_path, "variant=sel,train", "eval.benchmarks=[math500]", "eval.limit=4",
+              "eval.max_tokens=8", "data.budget=16", "sft=lora", "sft.max_steps=2", "sft.logging_steps=1",
+              "sft.max_length=128", "stat.rounds=2", "experiment_name=sft_sweep")
 
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     metrics = [json.loads((j / "metrics.json").read_text()) for j in jobs]
