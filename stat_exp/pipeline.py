@@ -165,7 +165,7 @@ def skill_map(
     from stat_exp import skills
 
     spec = cfg.task.skills
-    catalogue_dict = json.loads((catalogue.path / "catalogue.json").read_text())
+    catalogue_dict = _catalogue(catalogue)
     if spec.map_file:
         path = Path(cfg.task.data_dir or ".") / spec.map_file
         config = {"file": str(path), "sha256": _file_hash(path), "max": spec.max_skills_per_question}
@@ -284,7 +284,7 @@ def profile(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Callable, 
     from stat_exp import profile as profiles
 
     _require_teacher(cfg, "diagnose the difficult answers")
-    catalogue_dict = json.loads((catalogue.path / "catalogue.json").read_text())
+    catalogue_dict = _catalogue(catalogue)
 
     def compute(out: Path) -> dict:
         solutions = {row["id"]: row["solution"] for row in val}  # the teacher compares with the reference
@@ -336,7 +336,7 @@ def training_data(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Call
         inputs = DataInputs(
             train=train,
             skill_map={r["id"]: r["skills"] for r in smap.rows()} if smap else {},
-            catalogue=json.loads((catalogue.path / "catalogue.json").read_text()) if catalogue else {},
+            catalogue=_catalogue(catalogue) if catalogue else {},
             diagnoses=diagnoses.rows() if diagnoses else [],
             difficult=[r for r in val if r["id"] in difficult_ids],
             teacher=teacher,
@@ -539,6 +539,10 @@ def _teacher_identity(cfg: DictConfig, kinds: tuple[str, ...]) -> dict:
         "kinds": {k: {"sampling": OmegaConf.to_container(t.sampling[k]),
                       "template": hashlib.sha256(template_source(k).encode()).hexdigest()[:12]} for k in kinds},
     }
+
+
+def _catalogue(artifact: Artifact) -> dict:
+    return json.loads((artifact.path / "catalogue.json").read_text())
 
 
 def _save_catalogue(out: Path, catalogue: dict, records: list) -> dict:

@@ -87,11 +87,17 @@ def fill(draw_pass: Callable[[int], list[Pair]], budget: int, max_passes: int, r
     return pairs[:budget], passes
 
 
-def stat_sel(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tuple[list[Pair], dict]:
+def questions_by_skill(inputs) -> dict[str, list[dict]]:
+    """The skill map inverted: skill -> the training questions labelled with it."""
     by_skill: dict[str, list[dict]] = defaultdict(list)
     for row in inputs.train:
         for skill in inputs.skill_map.get(row["id"], []):
             by_skill[skill].append(row)
+    return by_skill
+
+
+def stat_sel(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tuple[list[Pair], dict]:
+    by_skill = questions_by_skill(inputs)
     pairs_ = [(d["id"], skill) for d in inputs.diagnoses for skill in d["skills"]]
     empty = sorted({s for _, s in pairs_ if not by_skill[s]})
     answers = Answers(inputs.teacher, cfg.answers, cfg.answers_per_question)

@@ -10,12 +10,11 @@ solutions, when at least `min_agreement` final answers agree (math-verify).
 import difflib
 import random
 import re
-from collections import defaultdict
 from typing import Sequence
 
 from stat_exp.config import VariantConfig
 from stat_exp.grading import extract_boxed, verify_answer
-from stat_exp.select import Pair, fill, nearest_neighbours, pair
+from stat_exp.select import Pair, fill, nearest_neighbours, pair, questions_by_skill
 from stat_exp.teacher import parsers
 from stat_exp.teacher.client import Request
 from stat_exp.teacher.prompts import render
@@ -92,10 +91,7 @@ def _new_stats() -> dict:
 
 
 def stat_syn(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tuple[list[Pair], dict]:
-    by_skill: dict[str, list[dict]] = defaultdict(list)
-    for row in inputs.train:
-        for skill in inputs.skill_map.get(row["id"], []):
-            by_skill[skill].append(row)
+    by_skill = questions_by_skill(inputs)
     subject_of = {d["id"]: d["subject"] for d in inputs.diagnoses}
     pairs_ = [(d["id"], skill) for d in inputs.diagnoses for skill in d["skills"] if by_skill[skill]]
     stats = _new_stats()
