@@ -47,7 +47,8 @@ class WorldConfig:
     rare_skills: List[str] = field(default_factory=lambda: ["multiply", "modulo"])  # scarce in pre-training
     rare_weight: float = 0.08  # sampling weight of a rare skill in the pre-training mixture (others: 1)
     max_skills_per_problem: int = 3
-    max_operand: int = 99
+    max_operand: int = 20  # starting values and the numbers added, subtracted and compared with
+    max_value: int = 99  # no number in a problem or its solution exceeds it (problems that would are redrawn)
     pretrain_size: int = 40000  # problems the tiny base student is pre-trained on
     train_size: int = 4000  # the training pool STAT selects from (uniform over skills)
     val_size: int = 500

@@ -91,8 +91,8 @@ def plant_error(row: dict, j: int) -> str:
     """The row's solution with step j's result off by one and a wrong final answer."""
     steps = solve(row["problem"])
     lines = [step.line for step in steps]
-    lines[j] = f"{steps[j].expression} = {steps[j].result + 1}"
-    return "\n".join(lines + [f"The answer is \\boxed{{{steps[-1].result + 1}}}."])
+    lines[j] = f"{steps[j].expression}={steps[j].result + 1}"
+    return "\n".join(lines + [f"\\boxed{{{steps[-1].result + 1}}}"])
 
 
 def diagnose(row: dict, response: str, **extra: object) -> parsers.Diagnosis:

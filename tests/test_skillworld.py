@@ -12,13 +12,13 @@ SMALL = WorldConfig(pretrain_size=3000, train_size=600, val_size=200, test_size=
 
 # Each solution line evaluated on its own, without skillworld's code: (pattern, function).
 LINE_RULES = [
-    (r"(\d+) \+ (\d+) = (-?\d+)", lambda a, b: a + b),
-    (r"(\d+) - (\d+) = (-?\d+)", lambda a, b: a - b),
-    (r"(\d+) \* (\d+) = (-?\d+)", lambda a, b: a * b),
-    (r"(\d+) mod (\d+) = (-?\d+)", lambda a, b: a % b),
-    (r"max\((\d+), (\d+)\) = (-?\d+)", max),
-    (r"min\((\d+), (\d+)\) = (-?\d+)", min),
-    (r"digitsum\((\d+)\) = (-?\d+)", lambda a: sum(map(int, str(a)))),
+    (r"(\d+)\+(\d+)=(-?\d+)", lambda a, b: a + b),
+    (r"(\d+)-(\d+)=(-?\d+)", lambda a, b: a - b),
+    (r"(\d+)\*(\d+)=(-?\d+)", lambda a, b: a * b),
+    (r"(\d+) mod (\d+)=(-?\d+)", lambda a, b: a % b),
+    (r"max\((\d+),(\d+)\)=(-?\d+)", max),
+    (r"min\((\d+),(\d+)\)=(-?\d+)", min),
+    (r"digitsum\((\d+)\)=(-?\d+)", lambda a: sum(map(int, str(a)))),
 ]
 
 
@@ -41,7 +41,7 @@ def rows() -> list[dict]:
 def test_every_step_and_answer_is_right(rows: list[dict]) -> None:
     for row in rows:
         *lines, last = row["solution"].split("\n")
-        assert last == f"The answer is \\boxed{{{row['answer']}}}."
+        assert last == f"\\boxed{{{row['answer']}}}"
         value = int(re.match(r"Start at (\d+)\.", row["problem"]).group(1))
         for line in lines:
             first, value = evaluate_line(line)
@@ -50,8 +50,8 @@ def test_every_step_and_answer_is_right(rows: list[dict]) -> None:
 
 
 def test_lines_chain_and_follow_the_problem(rows: list[dict]) -> None:
-    words = {"Add": "+", "Subtract": "-", "Multiply": "*", "Take it mod": "mod", "Keep the larger": "max",
-             "Keep the smaller": "min", "Take its digit sum": "digitsum"}
+    words = {"Add": "+", "Subtract": "-", "Times": "*", "Mod": "mod", "Max with": "max", "Min with": "min",
+             "Digit sum": "digitsum"}
     for row in rows:
         sentences = row["problem"].split(". ")[1:]
         lines = row["solution"].split("\n")[:-1]
@@ -91,14 +91,20 @@ def test_numbers_stay_small(rows: list[dict]) -> None:
         for step in solve(row["problem"]):
             if step.skill in ("multiply", "modulo"):
                 assert 2 <= step.args[1] <= 9
-        assert len(row["problem"]) < 120 and len(row["solution"]) < 120
+            assert max(step.args) <= SMALL.max_value and 0 <= step.result <= SMALL.max_value
+        assert len(row["problem"]) < 80 and len(row["solution"]) < 60
+    # Without the bound, chains of products would grow past it.
+    assert any(step.result > 99 for row in generate(WorldConfig(max_value=10_000), 400, seed=1)
+               for step in solve(row["problem"]))
+    with pytest.raises(ValueError, match="max_value"):
+        generate(WorldConfig(max_value=10), 1, seed=0)
 
 
 @pytest.mark.parametrize("text", [
     "What is 2+2?",
     "Start at 5.",
     "Start at 5. Fly away.",
-    "Start at 5. Take it mod 0.",
+    "Start at 5. Mod 0.",
     "Begin at 5. Add 3.",
 ])
 def test_solve_rejects_other_text(text: str) -> None:
@@ -162,11 +168,11 @@ def test_first_wrong_step_finds_a_planted_error(rows: list[dict]) -> None:
 
 
 def test_first_wrong_step_edge_cases() -> None:
-    problem = "Start at 37. Add 45. Take it mod 7."
-    right = "37 + 45 = 82\n82 mod 7 = 5\nThe answer is \\boxed{5}."
+    problem = "Start at 37. Add 45. Mod 7."
+    right = "37+45=82\n82 mod 7=5\n\\boxed{5}"
     assert first_wrong_step(problem, right) is None
     assert first_wrong_step(problem, "Step 1: 37 plus 45 is 82\n\nThe remainder is 5\n\\boxed{5}") is None
     assert first_wrong_step(problem, right.replace("{5}", "{6}")) == 1  # right steps, wrong answer: the last step
     assert first_wrong_step(problem, right.replace("\\boxed{5}", "5")) == 1  # no final answer
     assert first_wrong_step(problem, "") == 0
-    assert first_wrong_step(problem, "37 + 45 = 81\n81 mod 7 = 4\nThe answer is \\boxed{4}.") == 0
+    assert first_wrong_step(problem, "37+45=81\n81 mod 7=4\n\\boxed{4}") == 0

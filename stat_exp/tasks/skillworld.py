@@ -1,13 +1,15 @@
 """Skillworld: arithmetic problems generated with known skills, small enough for a CPU student.
 
 A problem starts from a number and chains 1..`max_skills_per_problem` operations, each one
-skill: "Start at 37. Add 45. Take it mod 7." Its solution has one line per step, each ending
-in that step's result, then the boxed answer:
+skill: "Start at 37. Add 45. Mod 7." Its solution has one line per step, each ending in that
+step's result, then the boxed answer:
 
-    37 + 45 = 82
-    82 mod 7 = 5
-    The answer is \\boxed{5}.
+    37+45=82
+    82 mod 7=5
+    \\boxed{5}
 
+The text is terse on purpose: the student reads it one character a token, and pre-training
+time grows with its length.
 Because every step's result is on its own line, a response's first wrong step (and so the
 skill it failed to apply) can be found exactly. Everything is pure Python and seeded.
 """
@@ -28,10 +30,10 @@ SMALL_FACTORS = (2, 9)  # multiply and modulo use a single digit in this range, 
 _SENTENCES = {
     "add": ("Add {0}.", re.compile(r"Add (\d+)\.")),
     "subtract": ("Subtract {0}.", re.compile(r"Subtract (\d+)\.")),
-    "multiply": ("Multiply by {0}.", re.compile(r"Multiply by (\d+)\.")),
-    "modulo": ("Take it mod {0}.", re.compile(r"Take it mod (\d+)\.")),
-    "compare": ("Keep the {0} of it and {1}.", re.compile(r"Keep the (larger|smaller) of it and (\d+)\.")),
-    "digit_sum": ("Take its digit sum.", re.compile(r"Take its digit sum\.")),
+    "multiply": ("Times {0}.", re.compile(r"Times (\d+)\.")),
+    "modulo": ("Mod {0}.", re.compile(r"Mod (\d+)\.")),
+    "compare": ("{0} with {1}.", re.compile(r"(Max|Min) with (\d+)\.")),
+    "digit_sum": ("Digit sum.", re.compile(r"Digit sum\.")),
 }
 _START = re.compile(r"Start at (\d+)\.")
 _INTEGER = re.compile(r"-?\d+")
@@ -49,13 +51,13 @@ class Step:
     @property
     def expression(self) -> str:
         if self.op in ("max", "min", "digitsum"):
-            return f"{self.op}({', '.join(map(str, self.args))})"
-        return f"{self.args[0]} {self.op} {self.args[1]}"
+            return f"{self.op}({','.join(map(str, self.args))})"
+        return f"{self.args[0]} mod {self.args[1]}" if self.op == "mod" else f"{self.args[0]}{self.op}{self.args[1]}"
 
     @property
     def line(self) -> str:
         """The step as a solution writes it: the expression and its result."""
-        return f"{self.expression} = {self.result}"
+        return f"{self.expression}={self.result}"
 
 
 def digit_sum(value: int) -> int:
@@ -67,7 +69,7 @@ def _step(skill: str, value: int, numbers: tuple[str, ...]) -> Step:
     if skill == "digit_sum":
         return Step(skill, "digitsum", (value,), digit_sum(value))
     if skill == "compare":
-        op, other = ("max" if numbers[0] == "larger" else "min"), int(numbers[1])
+        op, other = numbers[0].lower(), int(numbers[1])
         return Step(skill, op, (value, other), max(value, other) if op == "max" else min(value, other))
     arg = int(numbers[0])
     if skill == "add":
@@ -104,7 +106,7 @@ def solve(problem: str) -> list[Step]:
 
 def format_solution(steps: list[Step]) -> str:
     lines = [step.line for step in steps]
-    return "\n".join(lines + [f"The answer is \\boxed{{{steps[-1].result}}}."])
+    return "\n".join(lines + [f"\\boxed{{{steps[-1].result}}}"])
 
 
 def step_results(response: str) -> list[int]:
@@ -146,14 +148,26 @@ def sample_problem(
     cfg: WorldConfig, rng: random.Random, weights: dict[str, float] | None = None, require: str | None = None
 ) -> str:
     """A random problem's text. Each step's skill is drawn by `weights` (skills not named
-    weigh 1); `require` puts that skill at one random step."""
+    weigh 1); `require` puts that skill at one random step. A problem whose running value would
+    exceed `cfg.max_value` is redrawn: with small numbers every skill is a table the student can
+    learn, so what it lacks is practice, not capacity."""
     skill_weights = _weights(cfg, weights)
-    steps = rng.randint(1, cfg.max_skills_per_problem)
-    skills = rng.choices(cfg.skills, weights=skill_weights, k=steps)
-    if require is not None:
-        if require not in cfg.skills:
-            raise ValueError(f"unknown skill {require!r}; this world has {cfg.skills}")
-        skills[rng.randrange(steps)] = require
+    if require is not None and require not in cfg.skills:
+        raise ValueError(f"unknown skill {require!r}; this world has {cfg.skills}")
+    if cfg.max_value < cfg.max_operand:
+        raise ValueError(f"max_value ({cfg.max_value}) must be at least max_operand ({cfg.max_operand})")
+    while True:
+        steps = rng.randint(1, cfg.max_skills_per_problem)
+        skills = rng.choices(cfg.skills, weights=skill_weights, k=steps)
+        if require is not None:
+            skills[rng.randrange(steps)] = require
+        problem = _draw_numbers(cfg, rng, skills)
+        if problem is not None:
+            return problem
+
+
+def _draw_numbers(cfg: WorldConfig, rng: random.Random, skills: list[str]) -> str | None:
+    """The problem text for `skills` with random numbers; None if a value exceeds `cfg.max_value`."""
     value = rng.randint(1, cfg.max_operand)
     sentences = [f"Start at {value}."]
     for skill in skills:
@@ -165,12 +179,14 @@ def sample_problem(
         elif skill in ("multiply", "modulo"):
             numbers = (rng.randint(*SMALL_FACTORS),)
         elif skill == "compare":
-            numbers = (rng.choice(("larger", "smaller")), rng.randint(0, cfg.max_operand))
+            numbers = (rng.choice(("Max", "Min")), rng.randint(0, cfg.max_operand))
         else:
             numbers = ()
         sentence = template.format(*numbers)
         sentences.append(sentence)
         value = _step(skill, value, pattern.fullmatch(sentence).groups()).result
+        if value > cfg.max_value:
+            return None
     return " ".join(sentences)
 
 
