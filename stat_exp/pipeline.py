@@ -25,6 +25,7 @@ from stat_exp.tracking import Tracker, resolved_config
 log = logging.getLogger(__name__)
 
 TINY_MODEL_VERSION = "1"
+PRETRAIN_VERSION = "1"
 SKILLS_VERSION = "1"
 PROBE_VERSION = "1"
 DIFFICULTY_VERSION = "1"
@@ -68,7 +69,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if cfg.teacher is not None or cfg.task.skills.catalogue_file or cfg.task.skills.map_file:
             catalogue = skill_catalogue(cfg, store, tracker, teacher, train)  # step 1
             smap = skill_map(cfg, store, tracker, teacher, train, catalogue)  # step 2
-        student = base_student(cfg, store, train)
+        student = base_student(cfg, store, tracker, train)
         before = diagnose(cfg, store, tracker, teacher, student, val, catalogue, label="base")  # steps 3-5
         benchmarks = _benchmarks(cfg, before)
         evaluate_student(cfg, store, tracker, student, benchmarks, label="base")
@@ -88,6 +89,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             stage = "rl"
         if stage != "base":  # step 9: evaluation and the profile after training
             evaluate_student(cfg, store, tracker, student, benchmarks, label=stage)
+            _compare_skill_accuracy(tracker, stage)
             after = diagnose(cfg, store, tracker, teacher, student, val, catalogue, label="after")
             _compare_profiles(tracker, before, after)
         _summary_table(tracker)
@@ -100,8 +102,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return tracker.metrics
 
 
-def base_student(cfg: DictConfig, store: Store, train: list[dict]) -> Student:
-    """The student before training: a hub model, or the tiny model built and cached locally."""
+def base_student(cfg: DictConfig, store: Store, tracker: Tracker, train: list[dict]) -> Student:
+    """The student before training: a hub model, or the tiny model built locally (and, with
+    `model.pretrain`, pre-trained from scratch), each step a cached artifact."""
     model_cfg = cfg.model
     if model_cfg.tiny is None:
         if not model_cfg.hub_id:
@@ -123,6 +126,29 @@ def base_student(cfg: DictConfig, store: Store, train: list[dict]) -> Student:
         version=TINY_MODEL_VERSION,
         compute=compute,
     )
+    student = Student(str(artifact.path), artifact.key)
+    return student if model_cfg.pretrain is None else pretrained(cfg, store, tracker, student)
+
+
+def pretrained(cfg: DictConfig, store: Store, tracker: Tracker, student: Student) -> Student:
+    """The freshly built `student` pre-trained on the task's "pretrain" split (skillworld's base)."""
+    from stat_exp.student.pretrain import pretrain
+
+    if cfg.task.world is None:
+        raise ValueError(f"model={cfg.model.name} pre-trains on the task's 'pretrain' split, which task "
+                         f"{cfg.task.name!r} lacks: use task=skillworld, or a model without pretrain")
+    rows = load_benchmark(cfg.task, "pretrain")
+    prompt = {"instruction": cfg.model.instruction, "system_prompt": cfg.model.system_prompt}
+    artifact = store.stage(
+        "pretrain",
+        config={"pretrain": OmegaConf.to_container(cfg.model.pretrain), "prompt": list(prompt.values())},
+        inputs={"model": student.key, "data": fingerprint(rows)},
+        version=PRETRAIN_VERSION,
+        compute=lambda out: pretrain(Path(student.path), rows, cfg.model.pretrain, out, device=cfg.generator.device,
+                                     **prompt),
+    )
+    tracker.log({f"pretrain/{k}": v for k, v in artifact.summary.items()})
+    log.info("base student pre-trained: %s", artifact.summary)
     return Student(str(artifact.path), artifact.key)
 
 
@@ -475,6 +501,25 @@ def _compare_profiles(tracker: Tracker, before: Diagnosis | None, after: Diagnos
                   title="Missing-Skill-Profile before and after training")
 
 
+def _compare_skill_accuracy(tracker: Tracker, stage: str) -> None:
+    """Per-skill accuracy of the trained student beside the base student's, per benchmark."""
+    from stat_exp.plots import bar_chart
+
+    results = tracker.metrics.get("eval", {})
+    for name, base in results.get("base", {}).items():
+        before, after = base.get("by_skill"), results.get(stage, {}).get(name, {}).get("by_skill")
+        if not before or not after:
+            continue
+        skills = list(dict.fromkeys([*before, *after]))
+        accuracy = {label: {s: by[s]["accuracy"] for s in skills if s in by} for label, by in (("base", before),
+                                                                                             (stage, after))}
+        tracker.table(f"eval/skill_accuracy/{name}", ["skill", "base", stage, "gain"],
+                      [[s, accuracy["base"].get(s), accuracy[stage].get(s),
+                        round(accuracy[stage].get(s, 0) - accuracy["base"].get(s, 0), 4)] for s in skills])
+        bar_chart(accuracy, tracker.run_dir / f"skill_accuracy_{name}.png", order=skills, xlabel="accuracy",
+                  title=f"Accuracy by skill on {name}, before and after training")
+
+
 def _summary_table(tracker: Tracker) -> None:
     """Benchmark x stage accuracy, in metrics.json, W&B and the log."""
     results = tracker.metrics.get("eval", {})
@@ -499,6 +544,10 @@ def _lazy_teacher(cfg: DictConfig, store: Store) -> Callable:
         from stat_exp.teacher.client import Teacher
 
         _require_teacher(cfg, f"run variant={cfg.variant.name}")
+        if cfg.teacher.model.startswith("oracle/") and cfg.task.world is not None:
+            from stat_exp.teacher.oracle import register
+
+            register(OmegaConf.to_object(cfg.task.world))  # it writes new problems in this world's numbers
         return Teacher(cfg.teacher, store.root / "teacher")
 
     return teacher

@@ -70,24 +70,6 @@ def profile_summary(diagnoses: Sequence[dict]) -> dict:
 
 def plot_profiles(profiles: dict[str, dict[str, int]], path: Path, title: str = "Missing-Skill-Profile") -> Path:
     """A horizontal bar chart of one or more profiles side by side (e.g. before and after training)."""
-    import matplotlib
+    from stat_exp.plots import bar_chart
 
-    matplotlib.use("Agg")  # files only: no display on servers
-    import matplotlib.pyplot as plt
-
-    skills = sorted({s for p in profiles.values() for s in p}, key=lambda s: -max(p.get(s, 0) for p in profiles.values()))
-    height = 0.8 / max(len(profiles), 1)
-    fig, ax = plt.subplots(figsize=(8, 0.35 * max(len(skills), 3) + 1.2))
-    for i, (label, profile) in enumerate(profiles.items()):
-        ax.barh([y + i * height for y in range(len(skills))], [profile.get(s, 0) for s in skills], height, label=label)
-    ax.set_yticks([y + height * (len(profiles) - 1) / 2 for y in range(len(skills))], skills, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("difficult questions missing the skill")
-    ax.set_title(title)
-    if len(profiles) > 1:
-        ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return bar_chart(profiles, path, title=title, xlabel="difficult questions missing the skill")

@@ -1,4 +1,5 @@
 import asyncio
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,3 +189,24 @@ def test_the_teacher_client_reaches_the_oracle(tmp_path):
     records = label_questions(teacher, rows, {skillworld.SUBJECT: WorldConfig().skills}, max_skills=5)
     assert [r["skills"] for r in records] == [r["skills"] for r in rows]
     assert teacher.usage.calls == 6 and teacher.usage.unparsed == 0
+
+
+def test_the_client_sends_sample_indices_and_the_registered_world(rows: list[dict], tmp_path: Path) -> None:
+    from stat_exp.teacher.oracle import register
+
+    prompt = tuple(render("synthesis", subject="arithmetic", skill="multiply", examples=rows[:3], count=4))
+    requests = [Request("synthesis", prompt, sample=i) for i in range(3)]
+
+    def questions(world: WorldConfig | None, cache: str) -> list[list[str]]:
+        register(world)
+        teacher = Teacher(TeacherConfig(name="oracle", model=MODEL), tmp_path / cache)
+        return [reply.parsed for reply in teacher.ask(requests, parsers.parse_questions)]
+
+    default = questions(None, "default")
+    assert len({tuple(q) for q in default}) == 3  # the sample index reaches the oracle: new problems each time
+    try:
+        small = questions(WorldConfig(max_operand=5, max_value=12), "small")
+    finally:
+        register()  # the default world again, for the other tests
+    numbers = [int(n) for q in small for problem in q for n in re.findall(r"\d+", problem)]
+    assert max(numbers) <= 12 and any(n > 12 for q in default for p in q for n in map(int, re.findall(r"\d+", p)))

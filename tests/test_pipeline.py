@@ -82,3 +82,11 @@ def test_grpo_on_the_base_model_is_evaluated_before_and_after(tmp_path):
     assert set(metrics["eval"]) == {"base", "rl"} and metrics["train"]["rl"]["steps"] == 1
     assert set(metrics["summary"]["math500"]) == {"base", "rl"}
     assert ("rl", "computed") in [(s["stage"], s["status"]) for s in metrics["stages"]]
+
+
+def test_pretraining_needs_a_task_with_a_pretrain_split(tmp_path):
+    import pytest
+
+    cfg = small_config(tmp_path, "model=tiny_pretrained", "logger=none")
+    with pytest.raises(ValueError, match="model=tiny_pretrained pre-trains on the task's 'pretrain' split, which task 'math' lacks"):
+        run(cfg, tmp_path / "run")

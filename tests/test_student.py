@@ -102,3 +102,10 @@ def test_missing_hub_model_names_the_id(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(OSError, match=r"'no-such-org/no-such-model-stat-exp'.*model=tiny") as info:
         load_model("no-such-org/no-such-model-stat-exp", device="cpu")
     assert isinstance(info.value.__cause__, OSError)
+
+
+def test_an_empty_instruction_leaves_the_problem_alone() -> None:
+    from stat_exp.student.models import chat_messages
+
+    assert chat_messages("Start at 3. Add 4.", instruction="") == [{"role": "user", "content": "Start at 3. Add 4."}]
+    assert chat_messages("Q", instruction="Think.")[-1]["content"] == "Q\n\nThink."

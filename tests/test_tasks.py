@@ -171,3 +171,17 @@ def test_import_is_light():
     code = "import sys, stat_exp.tasks; print(sorted({'datasets', 'torch', 'sympy'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_generated_world_is_a_task_with_its_splits_as_benchmarks():
+    from stat_exp.config import WorldConfig
+    from stat_exp.tasks import world_splits
+
+    world = WorldConfig(pretrain_size=60, train_size=40, val_size=10, test_size=12)
+    task = OmegaConf.structured(TaskConfig(name="skillworld", world=world))
+    train, val = load_train_val(task)
+    assert (len(train), len(val)) == (40, 10) and train == world_splits(world)["train"]
+    assert load_benchmark(task, "test", limit=5) == world_splits(task.world)["test"][:5]
+    assert len(load_benchmark(task, "pretrain")) == 60
+    with pytest.raises(ValueError, match=r"unknown benchmark 'math500'; skillworld has \['pretrain', 'test', 'train', 'val'\]"):
+        load_benchmark(task, "math500")

@@ -138,7 +138,7 @@ def chat_messages(problem: str, *, instruction: str, system_prompt: str | None =
     the prompts of SFT and GRPO training data are all built from it.
     """
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": f"{problem}\n\n{instruction}"})
+    messages.append({"role": "user", "content": f"{problem}\n\n{instruction}" if instruction else problem})
     return messages
 
 

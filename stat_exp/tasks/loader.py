@@ -3,7 +3,9 @@
 A row is a plain dict: id (str), problem (str), solution (str, "" when the source has none),
 answer (str), subject (str | None), level (int | None), and skills (list[str]) when the
 source labels them. Sources are local JSONL files under `task.data_dir`, or Hugging Face
-datasets when it is null; `DataSource.fields` maps their field names onto ours.
+datasets when it is null; `DataSource.fields` maps their field names onto ours. A task with
+`world` set (skillworld) generates its rows instead: its splits are the benchmarks "val" and
+"test", and "pretrain", the base student's corpus.
 """
 
 import hashlib
@@ -11,8 +13,12 @@ import json
 import random
 import re
 from collections.abc import Iterator
+from dataclasses import asdict
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from stat_exp.config import DataSource, TaskConfig
 from stat_exp.grading import extract_boxed
@@ -145,7 +151,11 @@ def _parse_level(value: Any, origin: str, line: int) -> int | None:
 
 def load_train_val(task: TaskConfig) -> tuple[list[dict], list[dict]]:
     """The training pool split into (train, validation): `task.val_size` rows drawn with
-    `task.split_seed`, so the same seed always holds out the same questions."""
+    `task.split_seed`, so the same seed always holds out the same questions. A generated
+    world has its own train and val splits."""
+    if task.world is not None:
+        generated = world_splits(task.world)
+        return generated["train"], generated["val"]
     pool = load_source(task.train, task.data_dir, f"{task.name}-train")
     if not 0 <= task.val_size <= len(pool):
         raise ValueError(f"val_size {task.val_size} must be between 0 and the pool's {len(pool)} rows")
@@ -156,13 +166,32 @@ def load_train_val(task: TaskConfig) -> tuple[list[dict], list[dict]]:
 
 
 def load_benchmark(task: TaskConfig, name: str, limit: int | None = None) -> list[dict]:
-    """The first `limit` rows (all when None) of the benchmark `name` of `task.benchmarks`."""
-    if name not in task.benchmarks:
-        raise ValueError(f"unknown benchmark {name!r}; {task.name} has {sorted(task.benchmarks)}")
+    """The first `limit` rows (all when None) of the benchmark `name` of `task.benchmarks`,
+    or of a generated world's splits."""
+    names = sorted(world_splits(task.world)) if task.world is not None else sorted(task.benchmarks)
+    if name not in names:
+        raise ValueError(f"unknown benchmark {name!r}; {task.name} has {names}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    rows = load_source(task.benchmarks[name], task.data_dir, name)
+    if task.world is not None:
+        rows = world_splits(task.world)[name]
+    else:
+        rows = load_source(task.benchmarks[name], task.data_dir, name)
     return rows if limit is None else rows[:limit]
+
+
+def world_splits(world: Any) -> dict[str, list[dict]]:
+    """A skillworld's splits (see `skillworld.splits`), generated once per process and world."""
+    spec = OmegaConf.to_container(world) if OmegaConf.is_config(world) else asdict(world)
+    return _world_splits(json.dumps(spec, sort_keys=True))
+
+
+@lru_cache(maxsize=2)
+def _world_splits(spec: str) -> dict[str, list[dict]]:
+    from stat_exp.config import WorldConfig
+    from stat_exp.tasks import skillworld
+
+    return skillworld.splits(WorldConfig(**json.loads(spec)))
 
 
 def fingerprint(rows: list[dict]) -> str:

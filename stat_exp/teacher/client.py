@@ -97,6 +97,7 @@ class Teacher:
         self.usage = Usage()
         self._api_key = _api_key(cfg)  # held in memory only: never in a config, log or artifact
         self._budget_hit = False
+        self._oracle = cfg.model.startswith("oracle/")  # skillworld's teacher (teacher/oracle.py)
 
     def ask(
         self,
@@ -127,10 +128,10 @@ class Teacher:
         from tqdm import tqdm
 
         litellm.suppress_debug_info = True
-        if self.cfg.model.startswith("oracle/"):  # skillworld's exact teacher, a litellm custom provider
-            from stat_exp.teacher.oracle import register
+        if self._oracle:  # skillworld's exact teacher, a litellm custom provider
+            from stat_exp.teacher.oracle import ensure_registered
 
-            register()
+            ensure_registered()
         self._litellm = litellm
         self._slots = asyncio.Semaphore(self.cfg.concurrency)
         self._next_start = time.monotonic()
@@ -207,6 +208,9 @@ class Teacher:
                     num_retries=0,  # retries are ours, counted and backed off here
                     max_retries=0,
                     drop_params=True,  # providers that lack a sampling knob ignore it rather than fail
+                    # The oracle reads the prompt kind and sample index from here (litellm hands
+                    # metadata to custom providers, it is not sent to real ones; only the oracle gets it).
+                    **({"metadata": {"kind": request.kind, "sample": request.sample}} if self._oracle else {}),
                     **params,
                 )
             except retryable as err:

@@ -60,6 +60,14 @@ def register(world: WorldConfig | None = None) -> None:
     litellm.custom_provider_map = others + [{"provider": PROVIDER, "custom_handler": handler}]
 
 
+def ensure_registered() -> None:
+    """Register the default world's oracle unless an oracle (of any world) is registered already."""
+    import litellm
+
+    if not any(entry.get("provider") == PROVIDER for entry in litellm.custom_provider_map):
+        register()
+
+
 def _handler_class() -> type:
     """The litellm handler class, defined here so that litellm is imported only when needed."""
     import litellm
