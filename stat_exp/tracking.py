@@ -27,7 +27,9 @@ class Tracker:
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.run_dir = Path(run_dir)
-        self.metrics: dict[str, Any] = {}
+        # Who this run is, for tables that compare the runs of a sweep (stat_exp/compare.py).
+        self.metrics: dict[str, Any] = {"run": {"name": _run_name(self.run_dir), "variant": cfg.variant.name,
+                                                "experiment": cfg.experiment_name}}
         self.wandb_run = None
         if cfg.logger.name == "wandb":
             self.wandb_run = _start_wandb(cfg, self.run_dir)

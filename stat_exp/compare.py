@@ -1,0 +1,117 @@
+"""The runs of a sweep side by side: accuracy before and after training, overall and per skill.
+
+`SweepSummary` is a Hydra callback (`hydra.callbacks` in conf/hydra/default.yaml): when a
+multirun ends it reads every job's metrics.json and writes `summary.json`, `summary.md` and a
+per-skill accuracy chart per benchmark into the sweep folder, and logs the table.
+"""
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger(__name__)
+
+
+def load_runs(sweep_dir: Path) -> list[dict]:
+    """The metrics of each finished job under `sweep_dir` (job folders in numeric order)."""
+    paths = sorted(Path(sweep_dir).glob("*/metrics.json"), key=lambda p: (len(p.parent.name), p.parent.name))
+    return [json.loads(path.read_text()) for path in paths]
+
+
+def final_stage(metrics: dict) -> str:
+    """The last evaluated stage of a run: base, sft or rl."""
+    return list(metrics.get("eval") or {"base": None})[-1]
+
+
+def compare(runs: list[dict]) -> dict[str, Any]:
+    """Per benchmark: one row per run (its name, variant, accuracy before and after, and after
+    per skill), plus the base student's Missing-Skill-Profile of the first run that has one."""
+    benchmarks: dict[str, list[dict]] = {}
+    for metrics in runs:
+        stage = final_stage(metrics)
+        for name, base in metrics.get("eval", {}).get("base", {}).items():
+            after = metrics["eval"][stage][name]
+            benchmarks.setdefault(name, []).append({
+                "run": metrics.get("run", {}).get("name", "?"),
+                "variant": metrics.get("run", {}).get("variant", "?"),
+                "stage": stage,
+                "base": base["pass@1"],
+                "after": after["pass@1"],
+                "gain": round(after["pass@1"] - base["pass@1"], 4),
+                "base_by_skill": {s: v["accuracy"] for s, v in base.get("by_skill", {}).items()},
+                "after_by_skill": {s: v["accuracy"] for s, v in after.get("by_skill", {}).items()},
+            })
+    names = _distinct_names([rows[0]["run"] for rows in zip(*benchmarks.values())] if benchmarks else [])
+    for rows in benchmarks.values():
+        for row, name in zip(rows, names):
+            row["run"] = name
+    profile = next((m["profile"]["base"]["f"] for m in runs if "f" in m.get("profile", {}).get("base", {})), {})
+    return {"benchmarks": benchmarks, "profile": profile}
+
+
+def markdown(comparison: dict[str, Any]) -> str:
+    """The comparison as Markdown tables: pass@1 before and after, then accuracy by skill."""
+    lines = []
+    profile = comparison["profile"]
+    if profile:
+        lines += ["Missing-Skill-Profile of the base student: "
+                  + ", ".join(f"{skill} {count}" for skill, count in profile.items()), ""]
+    for name, rows in comparison["benchmarks"].items():
+        lines += [f"### {name}", "", "| run | variant | base | after | gain |", "|---|---|---|---|---|"]
+        lines += [f"| {r['run']} | {r['variant']} | {r['base']:.3f} | {r['after']:.3f} | {r['gain']:+.3f} |"
+                  for r in rows]
+        skills = list(dict.fromkeys(s for r in rows for s in [*r["base_by_skill"], *r["after_by_skill"]]))
+        if skills:
+            skills.sort(key=lambda s: -profile.get(s, 0))  # the skills the profile named first
+            lines += ["", "| skill | base | " + " | ".join(r["run"] for r in rows) + " |",
+                      "|---" * (len(rows) + 2) + "|"]
+            for skill in skills:
+                base = rows[0]["base_by_skill"].get(skill)
+                cells = [_cell(r["after_by_skill"].get(skill)) for r in rows]
+                lines.append(f"| {skill} | {_cell(base)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summarize_sweep(sweep_dir: Path) -> dict[str, Any] | None:
+    """Write the comparison of the jobs under `sweep_dir` there; None when no job finished."""
+    from stat_exp.plots import bar_chart
+
+    sweep_dir = Path(sweep_dir)
+    runs = load_runs(sweep_dir)
+    if not runs:
+        log.warning("no finished jobs under %s: nothing to compare", sweep_dir)
+        return None
+    comparison = compare(runs)
+    (sweep_dir / "summary.json").write_text(json.dumps(comparison, indent=1))
+    table = markdown(comparison)
+    (sweep_dir / "summary.md").write_text(table)
+    for name, rows in comparison["benchmarks"].items():
+        if any(r["after_by_skill"] for r in rows):
+            series = {"base": rows[0]["base_by_skill"]} | {r["run"]: r["after_by_skill"] for r in rows}
+            bar_chart(series, sweep_dir / f"skill_accuracy_{name}.png", xlabel="accuracy",
+                      order=sorted(series["base"], key=lambda s: -comparison["profile"].get(s, 0)),
+                      title=f"Accuracy by skill on {name}: base and each run after training")
+    log.info("sweep summary (%s)\n%s", sweep_dir / "summary.md", table)
+    return comparison
+
+
+class SweepSummary(Callback):
+    """Hydra callback: compare the jobs of a multirun when it ends."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        summarize_sweep(Path(config.hydra.sweep.dir))
+
+
+def _distinct_names(names: list[str]) -> list[str]:
+    """Run names (their `key=value,...` overrides) without the overrides every run shares."""
+    items = [name.split(",") for name in names]
+    shared = set.intersection(*map(set, items)) if len(items) > 1 else set()
+    return [",".join(i for i in parts if i not in shared) or name for parts, name in zip(items, names)]
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

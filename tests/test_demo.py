@@ -1,0 +1,84 @@
+"""experiment=demo: the preset composes as the README says, and its multirun runs end to end
+(skillworld, pre-training, the oracle teacher, Sel/Syn/train, evaluation, plots, comparison)
+at a reduced size."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT, compose_config
+from wandb_records import logged
+
+REDUCED = [
+    "task.world.pretrain_size=600", "task.world.train_size=300", "task.world.val_size=40", "task.world.test_size=40",
+    "task.skills.extraction_questions=10",
+    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_layers=1",
+    "model.pretrain.steps=30", "model.pretrain.warmup_steps=5",
+    "difficulty.max_tokens=32", "eval.max_tokens=32", "data.budget=48", "sft.max_steps=2",
+]
+
+
+def test_demo_composes_to_the_three_variants_on_skillworld() -> None:
+    cfg = compose_config("experiment=demo")
+    assert cfg.task.name == "skillworld" and cfg.task.world.rare_skills == ["multiply", "modulo"]
+    assert cfg.model.tiny.vocab_size == 260 and cfg.model.pretrain.steps > 0  # one token per character
+    assert cfg.teacher.model == "oracle/skillworld" and cfg.difficulty.name == "outcome"
+    assert cfg.difficulty.test_benchmark == "test" and list(cfg.eval.benchmarks) == ["test"]
+    assert cfg.sft.name == "full" and not cfg.sft.lora
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    command = [sys.executable, "-m", "stat_exp", "experiment=demo", *REDUCED,
+               f"paths.cache_dir={tmp / 'cache'}", f"hydra.sweep.dir={tmp / 'sweep'}"]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env.pop("WANDB_API_KEY", None)
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return tmp / "sweep", out.stdout + out.stderr
+
+
+def test_demo_runs_each_variant_from_one_base_student(demo) -> None:
+    sweep, _ = demo
+    jobs = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(3)]
+    assert [job["run"]["variant"] for job in jobs] == ["sel", "syn", "train"]
+    for job in jobs:
+        assert set(job["eval"]) == {"base", "sft"}
+        assert set(job["eval"]["sft"]) == {"test"} | ({"test_d"} if "test_d" in job["eval"]["base"] else set())
+        assert job["data"]["pairs"] == 48
+    # Built, pre-trained, probed and diagnosed once; the later jobs reuse it all.
+    first = {e["stage"]: e["status"] for e in jobs[0]["stages"]}
+    assert first["model"] == first["pretrain"] == "computed"
+    for job in jobs[1:]:
+        statuses = {(e["stage"], e["status"]) for e in job["stages"]}
+        assert {("model", "reused"), ("pretrain", "reused"), ("skills", "reused"), ("profile", "reused")} <= statuses
+        assert ("sft", "computed") in statuses
+    assert jobs[0]["pretrain"]["steps"] == 30 and jobs[0]["pretrain"]["final_loss"] < jobs[0]["pretrain"]["initial_loss"]
+    profile = jobs[0]["profile"]["base"]["f"]
+    assert profile and set(profile) <= set(compose_config("experiment=demo").task.world.skills)
+
+
+def test_demo_writes_plots_tables_and_wandb_runs(demo) -> None:
+    sweep, output = demo
+    for i, variant in enumerate(["sel", "syn", "train"]):
+        job = sweep / str(i)
+        for name in ["profile_base.png", "profile_before_after.png", "skill_accuracy_test.png"]:
+            assert (job / name).read_bytes()[:4] == b"\x89PNG", name
+        table = json.loads((job / "tables" / "eval.skill_accuracy.test.json").read_text())
+        assert table["columns"] == ["skill", "base", "sft", "gain"] and table["rows"]
+        run = logged(job)
+        # Named by the job's overrides (W&B run names tell the sweep's members apart).
+        assert run["group"] == "demo" and run["job_type"] == variant and run["name"].endswith(f",variant={variant}")
+        assert "eval/sft/test/pass@1" in run["summary"] and "pretrain/final_loss" in run["summary"]
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert [row["variant"] for row in summary["benchmarks"]["test"]] == ["sel", "syn", "train"]
+    assert set(summary["profile"]) <= set(summary["benchmarks"]["test"][0]["base_by_skill"])
+    assert (sweep / "skill_accuracy_test.png").read_bytes()[:4] == b"\x89PNG"
+    table = (sweep / "summary.md").read_text()
+    # Runs are named by the overrides that tell them apart.
+    assert "| variant=sel | sel |" in table and "| variant=train | train |" in table
+    assert "sweep summary" in output and "| skill | base | variant=sel | variant=syn | variant=train |" in output
