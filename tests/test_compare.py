@@ -1,0 +1,39 @@
+import json
+from pathlib import Path
+
+from stat_exp.compare import compare, markdown, summarize_sweep
+
+
+def job(name: str, variant: str, base: float, after: float, by_skill: dict[str, float], profile=None) -> dict:
+    skills = {s: {"n": 10, "accuracy": a} for s, a in by_skill.items()}
+    metrics = {"run": {"name": name, "variant": variant},
+               "eval": {"base": {"test": {"pass@1": base, "by_skill": {s: {"n": 10, "accuracy": 0.5} for s in by_skill}}},
+                        "sft": {"test": {"pass@1": after, "by_skill": skills}}}}
+    return metrics | ({"profile": {"base": {"f": profile}}} if profile else {})
+
+
+RUNS = [job("seed=1,variant=sel", "sel", 0.5, 0.8, {"add": 0.9, "multiply": 0.7}, {"multiply": 9, "add": 1}),
+        job("seed=1,variant=train", "train", 0.5, 0.6, {"add": 0.8, "multiply": 0.4})]
+
+
+def test_compare_names_runs_by_what_differs_and_reports_gains() -> None:
+    comparison = compare(RUNS)
+    rows = comparison["benchmarks"]["test"]
+    assert [r["run"] for r in rows] == ["variant=sel", "variant=train"]
+    assert [r["gain"] for r in rows] == [0.3, 0.1] and rows[1]["after_by_skill"]["multiply"] == 0.4
+    assert comparison["profile"] == {"multiply": 9, "add": 1}
+    table = markdown(comparison)
+    assert "| variant=sel | sel | 0.500 | 0.800 | +0.300 |" in table
+    # Skills the profile named come first.
+    assert table.index("| multiply | 0.500 | 0.700 | 0.400 |") < table.index("| add | 0.500 | 0.900 | 0.800 |")
+
+
+def test_summarize_sweep_writes_the_comparison(tmp_path: Path) -> None:
+    assert summarize_sweep(tmp_path) is None  # no finished job yet
+    for i, metrics in enumerate(RUNS):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "metrics.json").write_text(json.dumps(metrics))
+    summarize_sweep(tmp_path)
+    assert json.loads((tmp_path / "summary.json").read_text()) == compare(RUNS)
+    assert "| variant=train | train |" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "skill_accuracy_test.png").read_bytes()[:4] == b"\x89PNG"
