@@ -1,4 +1,5 @@
 import asyncio
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,12 +170,15 @@ def test_async_completion(rows: list[dict]) -> None:
     assert response.choices[0].message.content == rows[0]["solution"]
 
 
-def test_the_teacher_client_uses_the_oracle(rows: list[dict], tmp_path: Path) -> None:
+def test_the_teacher_client_uses_the_oracle(rows: list[dict], tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO)
     teacher = Teacher(TeacherConfig(name="oracle", model=MODEL), tmp_path)
     requests = [Request("solution", tuple(render("solution", problem=row["problem"]))) for row in rows]
     replies = teacher.ask(requests, parsers.parse_solution)
     assert [reply.parsed for reply in replies] == [row["solution"] for row in rows]
     assert teacher.usage.calls == len(rows) and teacher.usage.failed == 0 and teacher.usage.prompt_tokens > 0
+    # No line per call in the run's log (litellm's warnings still come through).
+    assert not [r for r in caplog.records if r.name.startswith("LiteLLM") and r.levelno < logging.WARNING]
 
 
 def test_the_teacher_client_reaches_the_oracle(tmp_path):

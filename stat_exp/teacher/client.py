@@ -128,6 +128,8 @@ class Teacher:
         from tqdm import tqdm
 
         litellm.suppress_debug_info = True
+        # litellm logs a line per call at INFO (on its own handler too): thousands in a stage.
+        logging.getLogger("LiteLLM").setLevel(logging.WARNING)
         if self._oracle:  # skillworld's exact teacher, a litellm custom provider
             from stat_exp.teacher.oracle import ensure_registered
 
