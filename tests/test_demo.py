@@ -23,11 +23,11 @@ REDUCED = [
 
 def test_demo_composes_to_the_three_variants_on_skillworld() -> None:
     cfg = compose_config("experiment=demo")
-    assert cfg.task.name == "skillworld" and cfg.task.world.rare_skills == ["multiply", "modulo"]
+    assert cfg.task.name == "skillworld" and cfg.task.world.rare_skills == ["multiply", "digit_sum"]
     assert cfg.model.tiny.vocab_size == 260 and cfg.model.pretrain.steps > 0  # one token per character
     assert cfg.teacher.model == "oracle/skillworld" and cfg.difficulty.name == "outcome"
     assert cfg.difficulty.test_benchmark == "test" and list(cfg.eval.benchmarks) == ["test"]
-    assert cfg.sft.name == "full" and not cfg.sft.lora
+    assert cfg.sft.name == "lora" and cfg.sft.lora and not cfg.sft.load_in_4bit
 
 
 @pytest.fixture(scope="module")
