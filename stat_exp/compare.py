@@ -30,13 +30,16 @@ def compare(runs: list[dict]) -> dict[str, Any]:
     """Per benchmark: one row per run (its name, variant, accuracy before and after, and after
     per skill), plus the base student's Missing-Skill-Profile of the first run that has one."""
     benchmarks: dict[str, list[dict]] = {}
-    for metrics in runs:
+    names = _distinct_names([m.get("run", {}).get("name", str(i)) for i, m in enumerate(runs)])
+    for metrics, run_name in zip(runs, names):
         stage = final_stage(metrics)
         for name, base in metrics.get("eval", {}).get("base", {}).items():
-            after = metrics["eval"][stage][name]
+            after = metrics["eval"][stage].get(name)
+            if after is None:
+                continue
             benchmarks.setdefault(name, []).append({
-                "run": metrics.get("run", {}).get("name", "?"),
-                "variant": metrics.get("run", {}).get("variant", "?"),
+                "run": run_name,
+                "variant": metrics.get("run", {}).get("variant"),
                 "stage": stage,
                 "base": base["pass@1"],
                 "after": after["pass@1"],
@@ -44,10 +47,6 @@ def compare(runs: list[dict]) -> dict[str, Any]:
                 "base_by_skill": {s: v["accuracy"] for s, v in base.get("by_skill", {}).items()},
                 "after_by_skill": {s: v["accuracy"] for s, v in after.get("by_skill", {}).items()},
             })
-    names = _distinct_names([rows[0]["run"] for rows in zip(*benchmarks.values())] if benchmarks else [])
-    for rows in benchmarks.values():
-        for row, name in zip(rows, names):
-            row["run"] = name
     profile = next((m["profile"]["base"]["f"] for m in runs if "f" in m.get("profile", {}).get("base", {})), {})
     return {"benchmarks": benchmarks, "profile": profile}
 
@@ -63,15 +62,19 @@ def markdown(comparison: dict[str, Any]) -> str:
         lines += [f"### {name}", "", "| run | variant | base | after | gain |", "|---|---|---|---|---|"]
         lines += [f"| {r['run']} | {r['variant']} | {r['base']:.3f} | {r['after']:.3f} | {r['gain']:+.3f} |"
                   for r in rows]
-        skills = list(dict.fromkeys(s for r in rows for s in [*r["base_by_skill"], *r["after_by_skill"]]))
+        skills = _skills(rows, profile)
         if skills:
-            skills.sort(key=lambda s: -profile.get(s, 0))  # the skills the profile named first
-            lines += ["", "| skill | base | " + " | ".join(r["run"] for r in rows) + " |",
-                      "|---" * (len(rows) + 2) + "|"]
+            # One base column when every run started from the same student, else base -> after per cell.
+            shared = _shared_base(rows)
+            lines += ["", "| skill | " + ("base | " if shared else "") + " | ".join(r["run"] for r in rows) + " |",
+                      "|---" * (len(rows) + 1 + bool(shared)) + "|"]
             for skill in skills:
-                base = rows[0]["base_by_skill"].get(skill)
-                cells = [_cell(r["after_by_skill"].get(skill)) for r in rows]
-                lines.append(f"| {skill} | {_cell(base)} | " + " | ".join(cells) + " |")
+                cells = [_cell(r["after_by_skill"].get(skill)) if shared else
+                         f"{_cell(r['base_by_skill'].get(skill))} -> {_cell(r['after_by_skill'].get(skill))}"
+                         for r in rows]
+                if shared:
+                    cells.insert(0, _cell(shared.get(skill)))
+                lines.append(f"| {skill} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -91,10 +94,11 @@ def summarize_sweep(sweep_dir: Path) -> dict[str, Any] | None:
     (sweep_dir / "summary.md").write_text(table)
     for name, rows in comparison["benchmarks"].items():
         if any(r["after_by_skill"] for r in rows):
-            series = {"base": rows[0]["base_by_skill"]} | {r["run"]: r["after_by_skill"] for r in rows}
+            shared = _shared_base(rows)
+            series = ({"base": shared} if shared else {}) | {r["run"]: r["after_by_skill"] for r in rows}
             bar_chart(series, sweep_dir / f"skill_accuracy_{name}.png", xlabel="accuracy",
-                      order=sorted(series["base"], key=lambda s: -comparison["profile"].get(s, 0)),
-                      title=f"Accuracy by skill on {name}: base and each run after training")
+                      order=_skills(rows, comparison["profile"]),
+                      title=f"Accuracy by skill on {name} after training" + (" (and of the base)" if shared else ""))
     log.info("sweep summary (%s)\n%s", sweep_dir / "summary.md", table)
     return comparison
 
@@ -104,6 +108,18 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         summarize_sweep(Path(config.hydra.sweep.dir))
+
+
+def _skills(rows: list[dict], profile: dict[str, int]) -> list[str]:
+    """Every skill with an accuracy in `rows`, the ones the profile named most first."""
+    skills = list(dict.fromkeys(s for r in rows for s in [*r["base_by_skill"], *r["after_by_skill"]]))
+    return sorted(skills, key=lambda s: -profile.get(s, 0))
+
+
+def _shared_base(rows: list[dict]) -> dict[str, float] | None:
+    """The base student's per-skill accuracy when every run has the same one (a sweep over variants)."""
+    first = rows[0]["base_by_skill"]
+    return first if first and all(r["base_by_skill"] == first for r in rows) else None
 
 
 def _distinct_names(names: list[str]) -> list[str]:

@@ -37,3 +37,11 @@ def test_summarize_sweep_writes_the_comparison(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "summary.json").read_text()) == compare(RUNS)
     assert "| variant=train | train |" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "skill_accuracy_test.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_runs_from_different_base_students_show_base_and_after_per_cell() -> None:
+    other = job("seed=1,variant=train", "train", 0.4, 0.6, {"add": 0.8, "multiply": 0.4})
+    other["eval"]["base"]["test"]["by_skill"]["add"]["accuracy"] = 0.2
+    table = markdown(compare([RUNS[0], other]))
+    assert "| skill | variant=sel | variant=train |" in table
+    assert "| add | 0.500 -> 0.900 | 0.200 -> 0.800 |" in table
