@@ -105,21 +105,24 @@ def load_model(
     name_or_path: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None
 ) -> Any:
     """A causal LM from the hub or a local directory, in eval mode on `device` (auto: cuda if available)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path,
-            revision=revision,
-            dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-            device_map=resolve_device(device),
+            name_or_path, revision=revision, dtype=torch_dtype(dtype), device_map=resolve_device(device)
         )
     except OSError as err:
         raise _not_found(name_or_path) from err
     return model.eval()
+
+
+def torch_dtype(dtype: str) -> Any:
+    """A `ModelConfig.dtype` as `from_pretrained` takes it: "auto" or a torch dtype."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return dtype if dtype == "auto" else getattr(torch, dtype)
 
 
 def resolve_device(device: str) -> str:

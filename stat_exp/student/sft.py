@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stat_exp.config import ModelConfig, SFTConfig
-from stat_exp.student.models import DTYPES, chat_messages, format_prompt, load_tokenizer
+from stat_exp.student.models import chat_messages, format_prompt, load_tokenizer, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def _load_model(model_path: str, revision: str | None, dtype: str, load_in_4bit:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype)}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
     if load_in_4bit:
         # BitsAndBytesConfig is plain data; bitsandbytes itself is imported by transformers at load time.
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -196,15 +196,6 @@ def _load_model(model_path: str, revision: str | None, dtype: str, load_in_4bit:
         )
         kwargs["device_map"] = {"": device_index}  # quantized weights are placed at load, one copy per process
     return AutoModelForCausalLM.from_pretrained(model_path, revision=revision, **kwargs)
-
-
-def _torch_dtype(dtype: str) -> Any:
-    """A `ModelConfig.dtype` as `from_pretrained` takes it: "auto" or a torch dtype."""
-    import torch
-
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return dtype if dtype == "auto" else getattr(torch, dtype)
 
 
 def lora_config(model: Any, cfg: SFTConfig) -> Any:
@@ -247,7 +238,7 @@ def save_merged(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_path, revision=revision, dtype=_torch_dtype(dtype))
+    base = AutoModelForCausalLM.from_pretrained(model_path, revision=revision, dtype=torch_dtype(dtype))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
