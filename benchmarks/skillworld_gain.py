@@ -10,13 +10,14 @@ so any override of the demo can follow `--`, e.g. `-- data.budget=1600`.
 """
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+
+from stat_exp.compare import load_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,21 +37,20 @@ def weak_accuracy(by_skill: dict, skills: list[str]) -> float:
 
 def collect(sweep_dir: Path) -> tuple[dict, dict, list[str], dict]:
     """Per variant: the seeds' test accuracy after SFT, overall and on the rare skills; the base's."""
+    runs = load_runs(sweep_dir)
+    if not runs:
+        raise SystemExit(f"no finished jobs under {sweep_dir}")
+    # Every job shares the world and the base student: read them off the first.
+    rare = yaml.safe_load((sweep_dir / "0" / "config.yaml").read_text())["task"]["world"]["rare_skills"]
+    before = runs[0]["eval"]["base"]["test"]
+    base = {"overall": before["pass@1"], "rare": weak_accuracy(before["by_skill"], rare)}
     results: dict[str, dict[str, list[float]]] = {}
-    base = {}
-    rare: list[str] = []
-    profile: dict = {}
-    for path in sorted(sweep_dir.glob("*/metrics.json")):
-        metrics = json.loads(path.read_text())
-        config = yaml.safe_load((path.parent / "config.yaml").read_text())
-        rare = config["task"]["world"]["rare_skills"]
-        profile = metrics["profile"]["base"]["f"]
-        before, after = metrics["eval"]["base"]["test"], metrics["eval"]["sft"]["test"]
-        base = {"overall": before["pass@1"], "rare": weak_accuracy(before["by_skill"], rare)}
+    for metrics in runs:
+        after = metrics["eval"]["sft"]["test"]
         scores = results.setdefault(metrics["run"]["variant"], {"overall": [], "rare": []})
         scores["overall"].append(after["pass@1"])
         scores["rare"].append(weak_accuracy(after["by_skill"], rare))
-    return results, base, rare, profile
+    return results, base, rare, runs[0]["profile"]["base"]["f"]
 
 
 def report(results: dict, base: dict, rare: list[str], profile: dict) -> str:
