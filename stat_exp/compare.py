@@ -26,6 +26,11 @@ def final_stage(metrics: dict) -> str:
     return list(metrics.get("eval") or {"base": None})[-1]
 
 
+def skill_accuracy(result: dict) -> dict[str, float]:
+    """{skill: accuracy} of one benchmark's metrics ({} when its rows name no skills)."""
+    return {skill: v["accuracy"] for skill, v in result.get("by_skill", {}).items()}
+
+
 def compare(runs: list[dict]) -> dict[str, Any]:
     """Per benchmark: one row per run (its name, variant, accuracy before and after, and after
     per skill), plus the base student's Missing-Skill-Profile of the first run that has one."""
@@ -44,8 +49,8 @@ def compare(runs: list[dict]) -> dict[str, Any]:
                 "base": base["pass@1"],
                 "after": after["pass@1"],
                 "gain": round(after["pass@1"] - base["pass@1"], 4),
-                "base_by_skill": {s: v["accuracy"] for s, v in base.get("by_skill", {}).items()},
-                "after_by_skill": {s: v["accuracy"] for s, v in after.get("by_skill", {}).items()},
+                "base_by_skill": skill_accuracy(base),
+                "after_by_skill": skill_accuracy(after),
             })
     profile = next((m["profile"]["base"]["f"] for m in runs if "f" in m.get("profile", {}).get("base", {})), {})
     return {"benchmarks": benchmarks, "profile": profile}

@@ -503,16 +503,15 @@ def _compare_profiles(tracker: Tracker, before: Diagnosis | None, after: Diagnos
 
 def _compare_skill_accuracy(tracker: Tracker, stage: str) -> None:
     """Per-skill accuracy of the trained student beside the base student's, per benchmark."""
+    from stat_exp.compare import skill_accuracy
     from stat_exp.plots import bar_chart
 
     results = tracker.metrics.get("eval", {})
     for name, base in results.get("base", {}).items():
-        before, after = base.get("by_skill"), results.get(stage, {}).get(name, {}).get("by_skill")
-        if not before or not after:
+        accuracy = {"base": skill_accuracy(base), stage: skill_accuracy(results.get(stage, {}).get(name, {}))}
+        if not accuracy["base"] or not accuracy[stage]:
             continue
-        skills = list(dict.fromkeys([*before, *after]))
-        accuracy = {label: {s: by[s]["accuracy"] for s in skills if s in by} for label, by in (("base", before),
-                                                                                             (stage, after))}
+        skills = list(dict.fromkeys([*accuracy["base"], *accuracy[stage]]))
         tracker.table(f"eval/skill_accuracy/{name}", ["skill", "base", stage, "gain"],
                       [[s, accuracy["base"].get(s), accuracy[stage].get(s),
                         round(accuracy[stage].get(s, 0) - accuracy["base"].get(s, 0), 4)] for s in skills])
