@@ -104,6 +104,11 @@ def solve(problem: str) -> list[Step]:
     return steps
 
 
+def skills_of(steps: list[Step]) -> list[str]:
+    """The distinct skills of `steps`, in the order they are first used."""
+    return list(dict.fromkeys(step.skill for step in steps))
+
+
 def format_solution(steps: list[Step]) -> str:
     lines = [step.line for step in steps]
     return "\n".join(lines + [f"\\boxed{{{steps[-1].result}}}"])
@@ -200,7 +205,7 @@ def make_row(problem: str, row_id: str) -> dict:
         "answer": str(steps[-1].result),
         "subject": SUBJECT,
         "level": len(steps),
-        "skills": list(dict.fromkeys(step.skill for step in steps)),  # deduplicated, order kept
+        "skills": skills_of(steps),
     }
 
 

@@ -195,7 +195,7 @@ def _labelling(prompt: str, world: WorldConfig, rng: random.Random) -> str:
     steps = skillworld.solve(_problem(prompt))
     allowed = _bullets(prompt, "## Skills for ")
     limit = int(_find(r"Choose at most (\d+)", prompt))
-    known = [skill for skill in dict.fromkeys(step.skill for step in steps) if skill in allowed][:limit]
+    known = [skill for skill in skillworld.skills_of(steps) if skill in allowed][:limit]
     uses = "; ".join(f"{step.line} uses {step.skill}" for step in steps)
     return f"{_skill_tags(known)}\n<reason>{uses}.</reason>"
 
@@ -209,10 +209,9 @@ def _diagnosis(prompt: str, world: WorldConfig, rng: random.Random) -> str:
         return f"<reason>The final answer {steps[-1].result} is right.</reason>\n<judge>correct</judge>"
     results = skillworld.step_results(response)
     if not results:
-        skills = list(dict.fromkeys(step.skill for step in steps))
         return (f"<reason>The response has no step with a result, so it applied none of the steps; it should "
                 f"have computed {'; '.join(step.line for step in steps)}.</reason>\n<judge>incorrect</judge>\n"
-                f"{_skill_tags(skills)}")
+                f"{_skill_tags(skillworld.skills_of(steps))}")
     wrong = skillworld.first_wrong_step(problem, response)  # not None: the final answer is wrong
     step = steps[wrong]
     if wrong >= len(results):
