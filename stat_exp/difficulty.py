@@ -13,7 +13,6 @@ of the sample the teacher should diagnose.
 `agreement` compares a classifier's verdicts with outcome's (the paper's Table 11).
 """
 
-import logging
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -22,7 +21,6 @@ from typing import Any
 from stat_exp.config import DifficultyConfig
 from stat_exp.grading import normalize_answer
 
-logger = logging.getLogger(__name__)
 
 Classifier = Callable[[Sequence[dict], DifficultyConfig], list[dict]]
 
@@ -222,9 +220,7 @@ def classify(records: Sequence[dict], cfg: DifficultyConfig) -> list[dict]:
     """One verdict per record by the classifier `cfg.name`."""
     if cfg.name not in CLASSIFIERS:
         raise ValueError(f"unknown difficulty classifier {cfg.name!r}; choose one of {', '.join(CLASSIFIERS)}")
-    verdicts = CLASSIFIERS[cfg.name](records, cfg)
-    logger.info("%s: %d of %d answers difficult", cfg.name, sum(v["difficult"] for v in verdicts), len(verdicts))
-    return verdicts
+    return CLASSIFIERS[cfg.name](records, cfg)
 
 
 def agreement(verdicts: Sequence[dict], outcome_verdicts: Sequence[dict]) -> dict:
