@@ -134,10 +134,11 @@ def test_stat_syn_keeps_consistent_new_questions_and_counts_rejections(tmp_path)
 
 
 def test_embed_sel_draws_the_nearest_training_questions(tmp_path, tiny_model_dir):
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
-    encoder = models.Transformer(str(tiny_model_dir))
-    pooling = models.Pooling(encoder.get_word_embedding_dimension(), pooling_mode="mean")
+    encoder = Transformer(str(tiny_model_dir))
+    pooling = Pooling(encoder.get_embedding_dimension(), pooling_mode="mean")
     SentenceTransformer(modules=[encoder, pooling]).save(str(tmp_path / "encoder"))
 
     data = inputs()
