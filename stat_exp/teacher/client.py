@@ -130,10 +130,13 @@ class Teacher:
         litellm.suppress_debug_info = True
         # litellm logs a line per call at INFO (on its own handler too): thousands in a stage.
         logging.getLogger("LiteLLM").setLevel(logging.WARNING)
+        self._cache_model = self.cfg.model
         if self._oracle:  # skillworld's exact teacher, a litellm custom provider
-            from stat_exp.teacher.oracle import ensure_registered
+            from stat_exp.teacher.oracle import ensure_registered, fingerprint
 
             ensure_registered()
+            # Its answers change with its code and world, which the prompt alone does not pin.
+            self._cache_model = f"{self.cfg.model}@{fingerprint()}"
         self._litellm = litellm
         self._slots = asyncio.Semaphore(self.cfg.concurrency)
         self._next_start = time.monotonic()
@@ -175,7 +178,7 @@ class Teacher:
         if attempt > 0:
             temperature = max(temperature, self.cfg.parse_retry_temperature)
         params = {"temperature": temperature, "max_tokens": sampling.max_tokens}
-        key = _cache_key(self.cfg.model, request, params, attempt)
+        key = _cache_key(self._cache_model, request, params, attempt)
         cached = self.cache.get(key)
         if cached is not None:
             self.usage.cache_hits += 1

@@ -23,6 +23,7 @@ from stat_exp.tasks import skillworld
 from stat_exp.tasks.skillworld import Step
 
 PROVIDER = "oracle"
+VERSION = "2"  # raise when an answer changes: the teacher's cache keys on `fingerprint()`
 
 # A phrase only that kind's template has; diagnosis first, since only it embeds free text
 # (the student's response) that might quote another template.
@@ -58,6 +59,14 @@ def register(world: WorldConfig | None = None) -> None:
     handler = _handler_class()(world or WorldConfig())
     others = [entry for entry in litellm.custom_provider_map if entry.get("provider") != PROVIDER]
     litellm.custom_provider_map = others + [{"provider": PROVIDER, "custom_handler": handler}]
+
+
+def fingerprint() -> str:
+    """The registered oracle's version and world: what its answers depend on besides the prompt."""
+    import litellm
+
+    worlds = [entry["custom_handler"].world for entry in litellm.custom_provider_map if entry.get("provider") == PROVIDER]
+    return hashlib.sha256(repr((VERSION, worlds)).encode()).hexdigest()[:16]
 
 
 def ensure_registered() -> None:
@@ -185,10 +194,11 @@ def _extraction(prompt: str, world: WorldConfig, rng: random.Random) -> str:
 
 
 def _clustering(prompt: str, world: WorldConfig, rng: random.Random) -> str:
+    # The catalogue is the world's skills, not only those the sampled questions showed first: a
+    # skill rare in the pool may be missing from the sample, and it is the one a profile must name.
     given = set(_bullets(prompt, "Here is a list of fine-grained skills"))
-    # The fine-grained names of skillworld problems are its skills already; keep them as the catalogue.
-    skills = [skill for skill in world.skills if skill in given] or list(world.skills)
-    return "\n".join(f"<skill>{skill}</skill>\n<members>{skill}</members>" for skill in skills)
+    return "\n".join(f"<skill>{skill}</skill>\n<members>{skill if skill in given else ''}</members>"
+                     for skill in world.skills)
 
 
 def _labelling(prompt: str, world: WorldConfig, rng: random.Random) -> str:
