@@ -580,13 +580,18 @@ def _teacher_identity(cfg: DictConfig, kinds: tuple[str, ...]) -> dict:
     from stat_exp.teacher.prompts import template_source
 
     t = cfg.teacher
-    return {
+    identity = {
         "model": t.model,
         "parse_retries": t.parse_retries,
         "parse_retry_temperature": t.parse_retry_temperature,
         "kinds": {k: {"sampling": OmegaConf.to_container(t.sampling[k]),
                       "template": hashlib.sha256(template_source(k).encode()).hexdigest()[:12]} for k in kinds},
     }
+    if t.model.startswith("oracle/"):  # skillworld's teacher: its answers are its code's, in its world's numbers
+        from stat_exp.teacher import oracle
+
+        identity["oracle"] = {"version": oracle.VERSION, "world": OmegaConf.to_container(cfg.task.world)}
+    return identity
 
 
 def _catalogue(artifact: Artifact) -> dict:

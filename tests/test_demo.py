@@ -30,6 +30,19 @@ def test_demo_composes_to_the_three_variants_on_skillworld() -> None:
     assert cfg.sft.name == "lora" and cfg.sft.lora and not cfg.sft.load_in_4bit
 
 
+def test_the_oracles_stages_key_on_its_version_and_world(monkeypatch) -> None:
+    from stat_exp import pipeline
+    from stat_exp.teacher import oracle
+
+    cfg = compose_config("experiment=demo")
+    identity = pipeline._teacher_identity(cfg, ("diagnosis",))
+    monkeypatch.setattr(oracle, "VERSION", oracle.VERSION + "-changed")
+    assert pipeline._teacher_identity(cfg, ("diagnosis",)) != identity
+    monkeypatch.undo()
+    cfg.task.world.max_operand = 9
+    assert pipeline._teacher_identity(cfg, ("diagnosis",)) != identity
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
