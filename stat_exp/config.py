@@ -52,7 +52,11 @@ class WorldConfig:
     max_operand: int = 20  # starting values and the numbers added, subtracted and compared with
     max_value: int = 99  # no number in a problem or its solution exceeds it (problems that would are redrawn)
     pretrain_size: int = 40000  # problems the tiny base student is pre-trained on
-    train_size: int = 4000  # the training pool STAT selects from (uniform over skills)
+    # The training pool STAT selects from. Its rare skills are scarce too (10x less than the others),
+    # as skills a student lacks are in real corpora; a uniform pool (1.0) makes plain SFT itself a
+    # curriculum for them (a third of its problems multiply). 20000 hold ~800 that multiply.
+    train_size: int = 20000
+    train_rare_weight: float = 0.1
     val_size: int = 500
     test_size: int = 500
     seed: int = 0

@@ -142,17 +142,22 @@ def test_splits_sizes_disjoint_and_deterministic(world_splits: dict[str, list[di
     assert other["test"] != world_splits["test"][:20]
 
 
-def test_rare_skills_are_rare_in_pretrain_only(world_splits: dict[str, list[dict]]) -> None:
+def test_rare_skills_have_their_weight_in_pretrain_and_train_and_none_in_val_and_test(
+    world_splits: dict[str, list[dict]],
+) -> None:
     def step_shares(rows: list[dict]) -> dict[str, float]:
         counts = Counter(step.skill for row in rows for step in solve(row["problem"]))
         return {skill: counts[skill] / sum(counts.values()) for skill in SMALL.skills}
 
-    pretrain, train = step_shares(world_splits["pretrain"]), step_shares(world_splits["train"])
+    shares = {name: step_shares(rows) for name, rows in world_splits.items()}
     common = [skill for skill in SMALL.skills if skill not in SMALL.rare_skills]
     for skill in SMALL.rare_skills:
-        # Expected share: 0.03 / (4 + 2 * 0.03) ~ 0.007 against ~0.25 for a common skill.
-        assert pretrain[skill] < 0.02 < 0.2 < min(pretrain[s] for s in common)
-    assert all(0.1 < share < 0.25 for share in train.values())
+        # Expected shares: 0.03 / (4 + 2 * 0.03) ~ 0.007 in pretrain, 0.1 / 4.2 ~ 0.024 in the pool,
+        # against ~0.24 for a common skill.
+        assert shares["pretrain"][skill] < 0.015 < shares["train"][skill] < 0.05
+        assert 0.2 < min(shares[name][s] for name in ("pretrain", "train") for s in common)
+    for name in ("val", "test"):
+        assert all(0.1 < share < 0.25 for share in shares[name].values())
 
 
 def test_first_wrong_step_finds_a_planted_error(rows: list[dict]) -> None:

@@ -241,17 +241,24 @@ def pretrain_weights(cfg: WorldConfig) -> dict[str, float]:
     return {skill: cfg.rare_weight for skill in cfg.rare_skills}
 
 
+def train_weights(cfg: WorldConfig) -> dict[str, float]:
+    """The training pool's mixture: the rare skills at `train_rare_weight`, every other skill at 1."""
+    return {skill: cfg.train_rare_weight for skill in cfg.rare_skills}
+
+
 def split_seed(cfg: WorldConfig, name: str) -> int:
     """A seed of its own for each split, derived from the world's seed."""
     return int(hashlib.sha256(f"skillworld:{cfg.seed}:{name}".encode()).hexdigest()[:8], 16)
 
 
 def splits(cfg: WorldConfig) -> dict[str, list[dict]]:
-    """pretrain (the rare-skill mixture), train (uniform: the pool STAT selects from), val and
-    test (uniform, distinct problems that appear in neither pretrain nor train)."""
+    """pretrain (the rare skills at `rare_weight`), train (the pool STAT selects from, the rare
+    skills at `train_rare_weight`), val and test (uniform over skills, distinct problems that
+    appear in neither pretrain nor train)."""
     pretrain = _generate(cfg, cfg.pretrain_size, split_seed(cfg, "pretrain"), pretrain_weights(cfg),
                          prefix="skillworld-pretrain", avoid=None)
-    train = _generate(cfg, cfg.train_size, split_seed(cfg, "train"), None, prefix="skillworld-train", avoid=None)
+    train = _generate(cfg, cfg.train_size, split_seed(cfg, "train"), train_weights(cfg), prefix="skillworld-train",
+                      avoid=None)
     # Seen by training: 1-step problems have few variants (100 digit sums), so repeats are likely.
     seen = {row["problem"] for row in pretrain + train}
     val = _generate(cfg, cfg.val_size, split_seed(cfg, "val"), None, prefix="skillworld-val", avoid=seen)
