@@ -155,7 +155,7 @@ def test_rare_skills_have_their_weight_in_pretrain_and_train_and_none_in_val_and
         # Expected shares: 0.03 / (4 + 2 * 0.03) ~ 0.007 in pretrain, 0.1 / 4.2 ~ 0.024 in the pool,
         # against ~0.24 for a common skill.
         assert shares["pretrain"][skill] < 0.015 < shares["train"][skill] < 0.05
-        assert 0.2 < min(shares[name][s] for name in ("pretrain", "train") for s in common)
+    assert 0.2 < min(shares[name][s] for name in ("pretrain", "train") for s in common)
     for name in ("val", "test"):
         assert all(0.1 < share < 0.25 for share in shares[name].values())
 
