@@ -1,7 +1,8 @@
 """STAT's gain over plain SFT on skillworld: STAT-Sel, STAT-Syn and plain SFT (variant=train)
 fine-tune the same pre-trained base student on the same budget, once per seed (the data draw
 and the SFT shuffle); held-out test accuracy, overall and on the world's rare skills, as mean
-and spread over the seeds. Run from the repository root (about 20 minutes on 2 CPU cores):
+and spread over the seeds. Run from the repository root (6 minutes on 2 CPU cores with the
+demo's base student cached, about 11 cold):
 
     .venv/bin/python -m benchmarks.skillworld_gain --seeds 0 1 2
 
