@@ -540,13 +540,12 @@ def _lazy_teacher(cfg: DictConfig, store: Store) -> Callable:
 
     @cache
     def teacher():
+        from stat_exp.teacher import oracle
         from stat_exp.teacher.client import Teacher
 
         _require_teacher(cfg, f"run variant={cfg.variant.name}")
-        if cfg.teacher.model.startswith("oracle/") and cfg.task.world is not None:
-            from stat_exp.teacher.oracle import register
-
-            register(OmegaConf.to_object(cfg.task.world))  # it writes new problems in this world's numbers
+        if oracle.serves(cfg.teacher.model) and cfg.task.world is not None:
+            oracle.register(OmegaConf.to_object(cfg.task.world))  # it writes new problems in this world's numbers
         return Teacher(cfg.teacher, store.root / "teacher")
 
     return teacher
@@ -577,6 +576,7 @@ def _require_teacher(cfg: DictConfig, purpose: str) -> None:
 
 def _teacher_identity(cfg: DictConfig, kinds: tuple[str, ...]) -> dict:
     """What makes the teacher's answers what they are: model, prompts and sampling (not speed settings)."""
+    from stat_exp.teacher import oracle
     from stat_exp.teacher.prompts import template_source
 
     t = cfg.teacher
@@ -587,9 +587,7 @@ def _teacher_identity(cfg: DictConfig, kinds: tuple[str, ...]) -> dict:
         "kinds": {k: {"sampling": OmegaConf.to_container(t.sampling[k]),
                       "template": hashlib.sha256(template_source(k).encode()).hexdigest()[:12]} for k in kinds},
     }
-    if t.model.startswith("oracle/"):  # skillworld's teacher: its answers are its code's, in its world's numbers
-        from stat_exp.teacher import oracle
-
+    if oracle.serves(t.model):  # skillworld's teacher: its answers are its code's, in its world's numbers
         identity["oracle"] = {"version": oracle.VERSION, "world": OmegaConf.to_container(cfg.task.world)}
     return identity
 

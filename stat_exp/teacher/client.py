@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
 from stat_exp.config import TeacherConfig
+from stat_exp.teacher import oracle
 from stat_exp.teacher.parsers import ParseError
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class Teacher:
         self.usage = Usage()
         self._api_key = _api_key(cfg)  # held in memory only: never in a config, log or artifact
         self._budget_hit = False
-        self._oracle = cfg.model.startswith("oracle/")  # skillworld's teacher (teacher/oracle.py)
+        self._oracle = oracle.serves(cfg.model)  # skillworld's teacher, a litellm custom provider
 
     def ask(
         self,
@@ -131,12 +132,10 @@ class Teacher:
         # litellm logs a line per call at INFO (on its own handler too): thousands in a stage.
         logging.getLogger("LiteLLM").setLevel(logging.WARNING)
         self._cache_model = self.cfg.model
-        if self._oracle:  # skillworld's exact teacher, a litellm custom provider
-            from stat_exp.teacher.oracle import ensure_registered, fingerprint
-
-            ensure_registered()
+        if self._oracle:
+            oracle.ensure_registered()
             # Its answers change with its code and world, which the prompt alone does not pin.
-            self._cache_model = f"{self.cfg.model}@{fingerprint()}"
+            self._cache_model = f"{self.cfg.model}@{oracle.fingerprint()}"
         self._litellm = litellm
         self._slots = asyncio.Semaphore(self.cfg.concurrency)
         self._next_start = time.monotonic()

@@ -61,6 +61,11 @@ def register(world: WorldConfig | None = None) -> None:
     litellm.custom_provider_map = others + [{"provider": PROVIDER, "custom_handler": handler}]
 
 
+def serves(model: str) -> bool:
+    """Whether the teacher model name `model` is this oracle's (`oracle/...`)."""
+    return model.startswith(f"{PROVIDER}/")
+
+
 def fingerprint() -> str:
     """The registered oracle's version and world: what its answers depend on besides the prompt."""
     import litellm
