@@ -236,14 +236,9 @@ def _generate(
     return rows
 
 
-def pretrain_weights(cfg: WorldConfig) -> dict[str, float]:
-    """The pre-training mixture: the rare skills at `rare_weight`, every other skill at 1."""
-    return {skill: cfg.rare_weight for skill in cfg.rare_skills}
-
-
-def train_weights(cfg: WorldConfig) -> dict[str, float]:
-    """The training pool's mixture: the rare skills at `train_rare_weight`, every other skill at 1."""
-    return {skill: cfg.train_rare_weight for skill in cfg.rare_skills}
+def rare_mixture(cfg: WorldConfig, weight: float) -> dict[str, float]:
+    """Skill weights with the rare skills at `weight` (every other skill weighs 1)."""
+    return {skill: weight for skill in cfg.rare_skills}
 
 
 def split_seed(cfg: WorldConfig, name: str) -> int:
@@ -255,10 +250,10 @@ def splits(cfg: WorldConfig) -> dict[str, list[dict]]:
     """pretrain (the rare skills at `rare_weight`), train (the pool STAT selects from, the rare
     skills at `train_rare_weight`), val and test (uniform over skills, distinct problems that
     appear in neither pretrain nor train)."""
-    pretrain = _generate(cfg, cfg.pretrain_size, split_seed(cfg, "pretrain"), pretrain_weights(cfg),
+    pretrain = _generate(cfg, cfg.pretrain_size, split_seed(cfg, "pretrain"), rare_mixture(cfg, cfg.rare_weight),
                          prefix="skillworld-pretrain", avoid=None)
-    train = _generate(cfg, cfg.train_size, split_seed(cfg, "train"), train_weights(cfg), prefix="skillworld-train",
-                      avoid=None)
+    train = _generate(cfg, cfg.train_size, split_seed(cfg, "train"), rare_mixture(cfg, cfg.train_rare_weight),
+                      prefix="skillworld-train", avoid=None)
     # Seen by training: 1-step problems have few variants (100 digit sums), so repeats are likely.
     seen = {row["problem"] for row in pretrain + train}
     val = _generate(cfg, cfg.val_size, split_seed(cfg, "val"), None, prefix="skillworld-val", avoid=seen)
