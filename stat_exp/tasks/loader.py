@@ -168,15 +168,13 @@ def load_train_val(task: TaskConfig) -> tuple[list[dict], list[dict]]:
 def load_benchmark(task: TaskConfig, name: str, limit: int | None = None) -> list[dict]:
     """The first `limit` rows (all when None) of the benchmark `name` of `task.benchmarks`,
     or of a generated world's splits."""
-    names = sorted(world_splits(task.world)) if task.world is not None else sorted(task.benchmarks)
+    generated = world_splits(task.world) if task.world is not None else None
+    names = sorted(task.benchmarks if generated is None else generated)
     if name not in names:
         raise ValueError(f"unknown benchmark {name!r}; {task.name} has {names}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    if task.world is not None:
-        rows = world_splits(task.world)[name]
-    else:
-        rows = load_source(task.benchmarks[name], task.data_dir, name)
+    rows = load_source(task.benchmarks[name], task.data_dir, name) if generated is None else generated[name]
     return rows if limit is None else rows[:limit]
 
 
