@@ -277,8 +277,6 @@ def _launched(spec_path: str) -> None:
 
     from omegaconf import OmegaConf
 
-    from stat_exp.config import ModelConfig, SFTConfig
-
     spec = json.loads(Path(spec_path).read_text())
     cfg = OmegaConf.merge(OmegaConf.structured(SFTConfig), spec["cfg"])
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), spec["model_cfg"])
@@ -294,4 +292,3 @@ if __name__ == "__main__":
     import sys
 
     _launched(sys.argv[1])
-
