@@ -1,5 +1,9 @@
-"""Shared by the tests: the repository's paths and the real config, composed with overrides."""
+"""Shared by the tests: the repository's paths, the real config composed with overrides, and
+the CLI run as a user runs it."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -14,3 +18,14 @@ def compose_config(*overrides: str):
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
+
+
+def run_cli(*args: str, timeout: int = 600) -> str:
+    """`python -m stat_exp *args` from the repository root, W&B offline and with no API key;
+    fails the test unless it exits 0, else returns what it printed."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env.pop("WANDB_API_KEY", None)
+    out = subprocess.run([sys.executable, "-m", "stat_exp", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out.stdout + out.stderr

@@ -3,13 +3,10 @@
 at a reduced size."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from helpers import ROOT, compose_config
+from helpers import compose_config, run_cli
 from wandb_records import logged
 
 REDUCED = [
@@ -46,13 +43,8 @@ def test_the_oracles_stages_key_on_its_version_and_world(monkeypatch) -> None:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
-    command = [sys.executable, "-m", "stat_exp", "experiment=demo", *REDUCED,
-               f"paths.cache_dir={tmp / 'cache'}", f"hydra.sweep.dir={tmp / 'sweep'}"]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    env.pop("WANDB_API_KEY", None)
-    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return tmp / "sweep", out.stdout + out.stderr
+    printed = run_cli("experiment=demo", *REDUCED, f"paths.cache_dir={tmp / 'cache'}", f"hydra.sweep.dir={tmp / 'sweep'}")
+    return tmp / "sweep", printed
 
 
 def test_demo_runs_each_variant_from_one_base_student(demo) -> None:

@@ -1,14 +1,10 @@
 """End to end: the eval-only preset on a slice of MATH500 with the tiny model, then a rerun."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import yaml
 
-from helpers import ROOT, SHARED_DATA, compose_config
+from helpers import SHARED_DATA, compose_config, run_cli
 from stat_exp.pipeline import run
 from wandb_records import logged
 SMALL = [
@@ -63,12 +59,9 @@ def test_eval_rows_hold_graded_samples(tmp_path):
 
 
 def test_cli_runs_then_reuses_every_stage(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "stat_exp", *SMALL, f"paths.cache_dir={tmp_path / 'cache'}", "logger=none"]
     for name in ("first", "second"):
-        out = subprocess.run([*cmd, f"hydra.run.dir={tmp_path / name}"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
+        run_cli(*SMALL, f"paths.cache_dir={tmp_path / 'cache'}", "logger=none", f"hydra.run.dir={tmp_path / name}",
+                timeout=300)
     log = (tmp_path / "second" / "stat_exp.log").read_text()
     assert "model      reused" in log and "eval       reused" in log and "computed" not in log
     assert (tmp_path / "second" / "metrics.json").exists()

@@ -1,16 +1,13 @@
 """The STAT loop through the CLI: a multirun over variants shares every upstream stage."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 from collections import Counter
 
 import pytest
 
-from helpers import ROOT
+from helpers import run_cli
 from teacher_server import TeacherServer
 from wandb_records import logged
 
@@ -54,18 +51,14 @@ class ScriptedTeacher:
 def run_sweep(teacher: ScriptedTeacher, data, tmp_path, *overrides: str) -> None:
     """`python -m stat_exp -m ...` on the tiny model with the scripted teacher, W&B offline."""
     with TeacherServer(teacher) as server:
-        command = [
-            sys.executable, "-m", "stat_exp", "-m", *overrides,
+        run_cli(
+            "-m", *overrides,
             f"task.data_dir={data}", "task.val_size=6", "task.skills.catalogue_file=skills.json",
             "teacher=local", f"teacher.api_base={server.url}", "teacher.model=openai/scripted",
             "difficulty=outcome", "difficulty.max_tokens=8",
             "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
             f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ]
-        env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-        env.pop("WANDB_API_KEY", None)
-        out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-4000:]
+        )
 
 
 @pytest.fixture
