@@ -1,10 +1,9 @@
 """The real config composes for every group option, and bad overrides fail clearly."""
 
 import pytest
+from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
-
-from hydra import compose, initialize_config_dir
 
 from helpers import ROOT, compose_config
 from stat_exp.config import MASK, mask_secrets, register_configs

@@ -5,7 +5,7 @@ import pytest
 
 from stat_exp.config import GeneratorConfig, TinyModelConfig
 from stat_exp.student.generation import HFGenerator, make_generator
-from stat_exp.student.models import build_tiny_model, format_prompt, load_model, load_tokenizer
+from stat_exp.student.models import build_tiny_model, chat_messages, format_prompt, load_model, load_tokenizer
 
 # Raw prompts of different lengths and endings, so that a random model continues each differently.
 PROMPTS = [
@@ -105,7 +105,5 @@ def test_missing_hub_model_names_the_id(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_an_empty_instruction_leaves_the_problem_alone() -> None:
-    from stat_exp.student.models import chat_messages
-
     assert chat_messages("Start at 3. Add 4.", instruction="") == [{"role": "user", "content": "Start at 3. Add 4."}]
     assert chat_messages("Q", instruction="Think.")[-1]["content"] == "Q\n\nThink."

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from stat_exp.config import DataSource, TaskConfig
-from stat_exp.tasks import DataError, fingerprint, load_benchmark, load_source, load_train_val
+from stat_exp.config import DataSource, TaskConfig, WorldConfig
+from stat_exp.tasks import DataError, fingerprint, load_benchmark, load_source, load_train_val, world_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -174,9 +174,6 @@ def test_import_is_light():
 
 
 def test_a_generated_world_is_a_task_with_its_splits_as_benchmarks():
-    from stat_exp.config import WorldConfig
-    from stat_exp.tasks import world_splits
-
     world = WorldConfig(pretrain_size=60, train_size=40, val_size=10, test_size=12)
     task = OmegaConf.structured(TaskConfig(name="skillworld", world=world))
     train, val = load_train_val(task)
