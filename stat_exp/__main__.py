@@ -4,6 +4,9 @@ Only Hydra and the config dataclasses are imported here: `--help` and `--cfg job
 without loading torch, transformers or litellm.
 """
 
+import logging
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -16,8 +19,14 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from stat_exp.pipeline import run
+    from stat_exp.store import IncompleteArtifact
+    from stat_exp.teacher.client import BudgetExceeded
 
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, HydraConfig.get().runtime.output_dir)
+    except (IncompleteArtifact, BudgetExceeded) as err:  # what to do next is in the message: no traceback
+        logging.getLogger("stat_exp").error("%s", err)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

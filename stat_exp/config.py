@@ -170,6 +170,10 @@ class TeacherConfig:
     parse_retries: int = 2  # fresh samples asked for when an answer cannot be parsed
     parse_retry_temperature: float = 0.7  # so that a retry can differ from the unparsable answer
     max_cost_usd: Optional[float] = None  # stop (keeping every paid answer) once a run has spent this
+    max_failed: int = 0  # requests a stage may leave failed after every retry and still be stored
+    # Above this share of a stage's requests left unparsed after every attempt, the stage fails: the
+    # teacher's format and the parser disagree, and a profile built on the rest would be skewed.
+    max_unparsed_fraction: float = 0.1
     sampling: Dict[str, Sampling] = field(default_factory=_teacher_sampling)  # per prompt kind
 
 

@@ -8,7 +8,7 @@ its inputs' artifacts into its own artifact.
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Callable
@@ -179,6 +179,7 @@ def skill_catalogue(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Ca
         inputs={"train": fingerprint(train)},
         version=SKILLS_VERSION,
         compute=compute,
+        incomplete=_catalogue_incomplete,
     )
     _log_teacher_usage(tracker, artifact)
     return artifact
@@ -217,6 +218,7 @@ def skill_map(
         inputs={"train": fingerprint(train), "catalogue": catalogue.key},
         version=SKILLS_VERSION,
         compute=compute,
+        incomplete=_map_incomplete,
     )
     summary = artifact.summary
     tracker.log({f"skill_map/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -326,6 +328,7 @@ def profile(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Callable, 
         inputs={"probe": probe_val.key, "difficulty": verdicts.key, "catalogue": catalogue.key},
         version=PROFILE_VERSION,
         compute=compute,
+        incomplete=_profile_incomplete,
     )
     summary = artifact.summary
     f = summary["profile"]
@@ -381,6 +384,7 @@ def training_data(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Call
         inputs=upstream,
         version=DATA_VERSION,
         compute=compute,
+        incomplete=_teacher_incomplete,
     )
     card = artifact.summary
     tracker.log({f"data/{k}": v for k, v in card.items() if isinstance(v, (int, float, bool))})
@@ -561,17 +565,63 @@ def _check(cfg: DictConfig) -> None:
 
 
 def _metered(cfg: DictConfig, teacher: Callable, work: Callable):
-    """work()'s result and the teacher usage it caused ({} without a teacher)."""
+    """work()'s result and the teacher usage it caused ({} without a teacher).
+
+    Raises when the stage's teacher requests are not whole: more failed after every retry than
+    `teacher.max_failed`, or more than `teacher.max_unparsed_fraction` of them never parsed.
+    """
     if cfg.teacher is None:
         return work(), {}
-    before = replace(teacher().usage)
+    from stat_exp.teacher.client import TeacherFailed
+
+    client = teacher()
+    before, unparsed_before = client.usage.snapshot(), len(client.unparsed_answers)
     result = work()
-    return result, teacher().usage.since(before).as_dict()
+    usage = client.usage.since(before)
+    limit = cfg.teacher.max_failed
+    if usage.failed > limit:
+        raise TeacherFailed(client.failure_report(usage.failed, usage.requests, usage.errors, "this stage"))
+    if usage.requests and usage.unparsed / usage.requests > cfg.teacher.max_unparsed_fraction:
+        examples = "\n".join(f"  {raw[:300]!r}" for raw in client.unparsed_answers[unparsed_before:][:3])
+        raise TeacherFailed(
+            f"{usage.unparsed} of {usage.requests} teacher answers could not be parsed after every attempt, more than "
+            f"teacher.max_unparsed_fraction={cfg.teacher.max_unparsed_fraction}: the teacher's format and the parser "
+            f"disagree, and what parsed would skew the result. Some of the answers:\n{examples}")
+    summary = usage.as_dict()
+    if usage.failed:
+        summary["failures_accepted"] = limit
+        log.warning("%d failed teacher requests accepted (teacher.max_failed=%d): %s", usage.failed, limit, usage.errors)
+    return result, summary
+
+
+def _teacher_incomplete(summary: dict) -> str | None:
+    """Why a stage's stored output is not whole on account of its teacher (None when it is)."""
+    usage = summary.get("teacher") or {}
+    failed = usage.get("failed", 0)
+    if failed > usage.get("failures_accepted", 0):
+        return f"{failed} of its teacher requests failed"
+    return None
 
 
 def _require_teacher(cfg: DictConfig, purpose: str) -> None:
     if cfg.teacher is None:
         raise ValueError(f"a teacher is needed to {purpose}: choose one, e.g. teacher=gpt-4o-mini")
+
+
+def _catalogue_incomplete(summary: dict) -> str | None:
+    return "the skill catalogue has no skills" if not summary.get("skills") else _teacher_incomplete(summary)
+
+
+def _map_incomplete(summary: dict) -> str | None:
+    if summary.get("questions") and not summary.get("labelled"):
+        return f"none of the {summary['questions']} questions was labelled with a skill"
+    return _teacher_incomplete(summary)
+
+
+def _profile_incomplete(summary: dict) -> str | None:
+    if summary.get("difficult") and summary.get("unparsed") == summary["difficult"]:
+        return f"none of the {summary['difficult']} difficult answers was diagnosed"
+    return _teacher_incomplete(summary)
 
 
 def _teacher_identity(cfg: DictConfig, kinds: tuple[str, ...]) -> dict:

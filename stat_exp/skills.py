@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from stat_exp.config import SkillsConfig
+from stat_exp.store import IncompleteArtifact
 from stat_exp.teacher import parsers
 from stat_exp.teacher.client import Request, Teacher
 from stat_exp.teacher.prompts import render
@@ -58,6 +59,11 @@ def extract_catalogue(teacher: Teacher, rows: Sequence[dict], cfg: SkillsConfig,
     for record in records:
         if record["fine_skill"]:
             fine[record["subject"]].append(record["fine_skill"])
+    silent = [s for s in sampled if not fine[s]]
+    if silent:  # a subject the catalogue lacked would fail every later stage that meets its questions
+        example = next(r.get("raw") for r in records if r["subject"] == silent[0])
+        raise IncompleteArtifact(f"no skill-extraction answer for subject(s) {silent} could be parsed, so the "
+                                 f"catalogue would lack them; one answer was {example!r:.300}")
     subjects = sorted(fine)
     clusters = teacher.ask(
         [Request("skill_clustering", tuple(render("skill_clustering", subject=s, skills=sorted(set(fine[s])),

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
+class IncompleteArtifact(RuntimeError):
+    """A stage's output is not whole (failed requests, an empty result): nothing was stored for it."""
+
+
 def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
     count = 0
     with open(path, "w", encoding="utf-8") as f:
@@ -82,11 +86,14 @@ class Store:
         inputs: Mapping[str, str] | None = None,
         version: str,
         compute: Callable[[Path], dict],
+        incomplete: Callable[[dict], str | None] | None = None,
     ) -> Artifact:
         """Return the stage's artifact, computing it with `compute(tmp_dir) -> summary` if absent.
 
         `compute` writes its files into `tmp_dir` and returns a JSON-able summary for the
-        manifest. `inputs` maps names to the keys of upstream artifacts.
+        manifest. `inputs` maps names to the keys of upstream artifacts. `incomplete(summary)`
+        says why an output is not whole (else None): such an output is never stored, and one
+        stored by older code is computed again rather than trusted.
         """
         inputs = dict(inputs or {})
         key = self.key(stage, config, inputs, version)
@@ -94,13 +101,20 @@ class Store:
         start = time.perf_counter()
         if (final / MANIFEST).exists():
             manifest = json.loads((final / MANIFEST).read_text())
-            self._record(stage, key, "reused", start)
-            return Artifact(stage, key, final, manifest)
+            reason = incomplete(manifest.get("summary", {})) if incomplete else None
+            if reason is None:
+                self._record(stage, key, "reused", start)
+                return Artifact(stage, key, final, manifest)
+            log.warning("stage %s %s: the stored artifact is incomplete (%s); computing it again", stage, key, reason)
+            self._discard(final)
 
         tmp = self.root / stage / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
             summary = compute(tmp)
+            reason = incomplete(summary or {}) if incomplete else None
+            if reason is not None:
+                raise IncompleteArtifact(f"stage {stage}: {reason}; nothing was stored")
             manifest = {
                 "stage": stage,
                 "key": key,
@@ -129,6 +143,13 @@ class Store:
             raise
         self._record(stage, key, "computed", start)
         return Artifact(stage, key, final, manifest)
+
+    @staticmethod
+    def _discard(path: Path) -> None:
+        """Remove an artifact so that no reader ever sees half of it: renamed away (atomic), then deleted."""
+        trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(path, trash)
+        shutil.rmtree(trash)
 
     def _record(self, stage: str, key: str, status: str, start: float) -> None:
         event = StageEvent(stage, key, status, round(time.perf_counter() - start, 3))

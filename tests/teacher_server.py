@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 Responder = Callable[[dict], str]  # request body -> assistant message content
+Refuser = Callable[[dict], int | None]  # request body -> an HTTP error status to answer with, or None
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Faults:
 class TeacherServer:
     responder: Responder
     faults: Faults = field(default_factory=Faults)
+    refuse: Refuser | None = None  # scripted errors for chosen requests (e.g. a provider outage for some)
     requests: int = 0  # every HTTP request received
     answered: int = 0  # requests answered 200
     bodies: list = field(default_factory=list)
@@ -80,6 +82,9 @@ def _handler(server: TeacherServer):
             if fault in ("429", "500"):
                 message = "rate limit exceeded" if fault == "429" else "internal error"
                 return self._send(int(fault), {"error": {"message": message, "type": "server_error"}})
+            status = server.refuse(body) if server.refuse else None
+            if status is not None:
+                return self._send(status, {"error": {"message": f"scripted error {status}", "type": "server_error"}})
             content = server.responder(body)
             with server._lock:
                 server.answered += 1

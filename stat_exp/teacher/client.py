@@ -14,11 +14,13 @@ import os
 import random
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
 from stat_exp.config import TeacherConfig
+from stat_exp.store import IncompleteArtifact
 from stat_exp.teacher import oracle
 from stat_exp.teacher.parsers import ParseError
 
@@ -31,6 +33,10 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 class BudgetExceeded(RuntimeError):
     """The run spent teacher.max_cost_usd; every answer paid for so far is cached."""
+
+
+class TeacherFailed(IncompleteArtifact):
+    """More requests failed after every retry than teacher.max_failed allows; the answered ones are cached."""
 
 
 @dataclass(frozen=True)
@@ -47,14 +53,17 @@ class Reply(Generic[T]):
     raw: str | None  # the last answer's text (kept when it could not be parsed)
     error: str | None  # why parsed is None
     attempts: int
+    failed: bool = False  # the request itself failed after every retry (no answer to parse)
 
 
 @dataclass
 class Usage:
+    requests: int = 0  # requests asked (each may take several calls: retries, parse retries)
     calls: int = 0  # HTTP requests that returned an answer
     cache_hits: int = 0
     retries: int = 0  # requests repeated after a rate limit, 5xx, connection error or time-out
     failed: int = 0  # requests that failed after every retry
+    errors: dict[str, int] = field(default_factory=dict)  # failed requests by kind of error
     parse_failures: int = 0  # answers the parser rejected (each retry counts)
     unparsed: int = 0  # requests left without a parsed answer after every attempt
     prompt_tokens: int = 0
@@ -63,7 +72,12 @@ class Usage:
     unpriced_calls: int = 0  # calls to models missing from litellm's price table (local servers)
 
     def since(self, before: "Usage") -> "Usage":
-        return Usage(**{f.name: getattr(self, f.name) - getattr(before, f.name) for f in fields(self)})
+        delta = {f.name: getattr(self, f.name) - getattr(before, f.name) for f in fields(self) if f.name != "errors"}
+        errors = {k: n - before.errors.get(k, 0) for k, n in self.errors.items() if n > before.errors.get(k, 0)}
+        return Usage(**delta, errors=errors)
+
+    def snapshot(self) -> "Usage":
+        return replace(self, errors=dict(self.errors))
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -99,6 +113,8 @@ class Teacher:
         self._api_key = _api_key(cfg)  # held in memory only: never in a config, log or artifact
         self._budget_hit = False
         self._oracle = oracle.serves(cfg.model)  # skillworld's teacher, a litellm custom provider
+        self.unparsed_answers: list[str] = []  # raw answers no attempt could parse, shown when a stage fails on them
+        self.error_examples: dict[str, str] = {}  # one message per kind of failed request
 
     def ask(
         self,
@@ -109,7 +125,9 @@ class Teacher:
     ) -> list[Reply[T]]:
         """One reply per request, in order, parsed by `parse` (or by `parse[i]` for request i).
 
-        Raises BudgetExceeded once the budget is spent, after caching every answer paid for.
+        Raises BudgetExceeded once the budget is spent, after caching every answer paid for, and
+        TeacherFailed when more than `teacher.max_failed` requests failed after every retry, after
+        the others were answered and cached (so a rerun asks only for the failed ones).
         """
         parsers = list(parse) if isinstance(parse, Sequence) else [parse] * len(requests)
         if len(parsers) != len(requests):
@@ -122,7 +140,22 @@ class Teacher:
                 f"{done} of {len(requests)} {desc} requests answered and cached; raise teacher.max_cost_usd "
                 "and rerun to resume without paying for them again"
             )
+        failed = [r for r in replies if r.failed]
+        if failed:
+            errors = Counter(r.error.split(":", 1)[0] for r in failed)
+            log.warning("%s: %d of %d requests failed after every retry: %s", desc, len(failed), len(requests),
+                        "; ".join(f"{n} x {self.error_examples.get(kind, kind)}" for kind, n in errors.most_common()))
+            if len(failed) > self.cfg.max_failed:
+                raise TeacherFailed(self.failure_report(len(failed), len(requests), errors, desc))
         return replies
+
+    def failure_report(self, failed: int, requests: int, errors: dict[str, int], desc: str) -> str:
+        """One message for a stage whose requests failed: how many, of which kinds, and how to resume."""
+        kinds = "; ".join(f"{n} x {self.error_examples.get(kind, kind)}"
+                          for kind, n in sorted(errors.items(), key=lambda kv: -kv[1]))
+        return (f"{failed} of {requests} teacher requests ({desc}) failed after every retry: {kinds}. "
+                f"The {requests - failed} answered are cached, so a rerun asks only for the failed ones; "
+                f"nothing was stored for this stage (teacher.max_failed={self.cfg.max_failed} accepts that many)")
 
     async def _ask_all(self, requests: list[Request], parsers: list[Callable[[str], T]], desc: str) -> list:
         import litellm
@@ -150,6 +183,7 @@ class Teacher:
         return replies
 
     async def _ask_one(self, request: Request, parse: Callable[[str], T]) -> Reply[T] | None:
+        self.usage.requests += 1
         raw, error = None, None
         for attempt in range(self.cfg.parse_retries + 1):
             answer = await self._complete(request, attempt)
@@ -157,8 +191,7 @@ class Teacher:
                 return None
             raw = answer.get("content")
             if answer.get("error"):
-                error = answer["error"]
-                break
+                return Reply(request, None, None, answer["error"], attempt + 1, failed=True)
             try:
                 return Reply(request, parse(raw or ""), raw, None, attempt + 1)
             except ParseError as err:
@@ -166,6 +199,7 @@ class Teacher:
                 error = f"unparsable answer: {err}"
                 log.debug("%s attempt %d: %s", request.kind, attempt, err)
         self.usage.unparsed += 1
+        self.unparsed_answers.append(raw or "")
         return Reply(request, None, raw, error, attempt + 1)
 
     async def _complete(self, request: Request, attempt: int) -> dict | None:
@@ -219,9 +253,12 @@ class Teacher:
                 )
             except retryable as err:
                 if retry == self.cfg.max_retries:
+                    kind = type(err).__name__
                     self.usage.failed += 1
-                    log.warning("teacher request failed after %d retries: %s", retry, _short(err))
-                    return {"content": None, "error": f"{type(err).__name__}: {_short(err)}"}
+                    self.usage.errors[kind] = self.usage.errors.get(kind, 0) + 1
+                    self.error_examples.setdefault(kind, f"{kind}: {_short(err)}")
+                    log.debug("teacher request failed after %d retries: %s", retry, _short(err))
+                    return {"content": None, "error": f"{kind}: {_short(err)}"}
                 self.usage.retries += 1
                 delay = min(self.cfg.backoff_max, self.cfg.backoff_initial * 2**retry)
                 await asyncio.sleep(delay * (0.5 + random.random() / 2))
