@@ -72,6 +72,7 @@ class TaskConfig:
     benchmarks: Dict[str, DataSource] = field(default_factory=dict)  # evaluation sets by name
     skills: SkillsConfig = field(default_factory=SkillsConfig)
     world: Optional[WorldConfig] = None  # set: problems are generated (skillworld), not loaded
+    license: Optional[str] = None  # the source data's licence (hub id, e.g. mit), written into exported dataset cards
 
 
 @dataclass
@@ -284,7 +285,7 @@ class LoggerConfig:
     name: str = MISSING  # wandb | none
     project: str = "stat_exp"
     entity: Optional[str] = None
-    mode: Optional[str] = None  # online | offline | disabled; null = online iff WANDB_API_KEY is set
+    mode: Optional[str] = None  # online | offline | disabled; null = WANDB_MODE, else online iff logged in to W&B
     tags: List[str] = field(default_factory=list)
 
 

@@ -1,9 +1,11 @@
 """Experiment tracking: one W&B run per job, and the same figures as files in the run folder.
 
-W&B is offline unless WANDB_API_KEY is set (or logger.mode says otherwise); `logger=none`
-keeps only the files. wandb is imported only when a W&B run is started.
+W&B is online when the user is logged in (`wandb login` or WANDB_API_KEY, as wandb itself
+decides), offline otherwise, unless logger.mode or WANDB_MODE says; `logger=none` keeps only the
+files. wandb is imported only when a W&B run is started.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -29,8 +31,10 @@ class Tracker:
         self.run_dir = Path(run_dir)
         # Who this run is, for tables that compare the runs of a sweep (stat_exp/compare.py).
         self.metrics: dict[str, Any] = {"run": {"name": _run_name(self.run_dir), "variant": cfg.variant.name,
-                                                "experiment": cfg.experiment_name}}
+                                                "experiment": cfg.experiment_name, "overrides": _overrides()}}
         self.wandb_run = None
+        self._produced: set[str] = set()  # W&B artifacts this run logged as its outputs
+        self.stopped = False  # the job is being stopped (preempted, timed out, interrupted), not ending
         if cfg.logger.name == "wandb":
             self.wandb_run = _start_wandb(cfg, self.run_dir)
         elif cfg.logger.name != "none":
@@ -66,20 +70,62 @@ class Tracker:
             if bar:
                 self.wandb_run.log({f"{name}_chart": wandb.plot.bar(table, columns[0], columns[1], title=name)})
 
+    def link(self, artifact, kind: str, *, produced: bool) -> None:
+        """Record a store artifact in W&B's lineage graph: an output of the run that computed it,
+        an input of every other run that reads it. Files are referenced, never uploaded."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        name = f"{artifact.stage}-{artifact.key}"
+        if not produced and name in self._produced:
+            return
+        record = wandb.Artifact(name, type=kind, metadata=artifact.summary)
+        # Checksums read every file: cheap for data, not for model weights.
+        record.add_reference(artifact.path.resolve().as_uri(), checksum=kind != "model")
+        if produced:
+            self.wandb_run.log_artifact(record)
+            self._produced.add(name)
+        elif self.wandb_run.settings._offline:
+            # use_artifact refuses offline runs; this is the record it writes online for a new
+            # artifact, so `wandb sync` replays the use and the lineage graph is the same.
+            self.wandb_run._log_artifact(record, is_user_created=True, use_after_commit=True)
+        else:
+            self.wandb_run.use_artifact(record)
+
     def finish(self) -> Path:
         path = self.run_dir / "metrics.json"
         path.write_text(json.dumps(self.metrics, indent=2, default=str))
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and self.stopped:
+            # SLURM stops every process of the job, W&B's service too: finishing would fail, and the
+            # requeued job resumes this run under the same id.
+            log.warning("job stopped: W&B run %s left open for the requeued job to resume", self.wandb_run.id)
+        elif self.wandb_run is not None:
             self.wandb_run.summary.update(_flatten(self.metrics))
             self.wandb_run.finish()
-            self.wandb_run = None
+        self.wandb_run = None
         return path
+
+
+def wandb_mode(cfg: DictConfig) -> tuple[str, str]:
+    """(mode, why): logger.mode or WANDB_MODE when set, else online iff wandb finds credentials
+    (WANDB_API_KEY, or the ~/.netrc that `wandb login` writes), asked of wandb without a prompt."""
+    if cfg.logger.mode:
+        return cfg.logger.mode, "logger.mode"
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"], "WANDB_MODE"
+    import wandb
+
+    if wandb.login(prompt=False, verify=False):
+        return "online", "W&B credentials found (WANDB_API_KEY or `wandb login`)"
+    return "offline", "no W&B credentials: run `wandb login` or set WANDB_API_KEY to log online"
 
 
 def _start_wandb(cfg: DictConfig, run_dir: Path):
     import wandb
 
-    mode = cfg.logger.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    mode, why = wandb_mode(cfg)
+    log.info("W&B %s: %s", mode, why)
     run = wandb.init(
         project=cfg.logger.project,
         entity=cfg.logger.entity,
@@ -91,6 +137,9 @@ def _start_wandb(cfg: DictConfig, run_dir: Path):
         dir=str(run_dir),
         mode=mode,
         reinit="finish_previous",  # a multirun job never writes into the previous job's run
+        # One id per run folder: a job requeued after preemption or a time-out goes on in the same run.
+        id=hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12],
+        resume="allow",
     )
     log.info("W&B run %s (%s) in %s", run.id, mode, run_dir)
     return run
@@ -103,6 +152,20 @@ def _run_name(run_dir: Path) -> str:
     if HydraConfig.initialized():
         return HydraConfig.get().job.override_dirname or run_dir.name
     return run_dir.name
+
+
+def _overrides() -> list[str]:
+    """The command-line overrides that made this job (a sweep job's own values included)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    masked = []
+    for override in HydraConfig.get().overrides.task:
+        key, sep, value = override.partition("=")
+        leaf = key.lstrip("+~").split(".")[-1]
+        masked.append(key + sep + str(mask_secrets({leaf: value})[leaf]) if sep else override)
+    return masked
 
 
 def _flatten(node: dict, prefix: str = "") -> dict:

@@ -87,3 +87,45 @@ def test_demo_writes_plots_tables_and_wandb_runs(demo) -> None:
     # Runs are named by the overrides that tell them apart.
     assert "| variant=sel | sel |" in table and "| variant=train | train |" in table
     assert "sweep summary" in output and "| skill | base | variant=sel | variant=syn | variant=train |" in output
+
+
+def test_wandb_lineage_links_profile_data_and_model_across_the_sweep(demo) -> None:
+    sweep, _ = demo
+    jobs = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(3)]
+    # The first of each stage: the base student's profile, the data, the fine-tuned model.
+    keys = [{e["stage"]: e["key"] for e in reversed(job["stages"])} for job in jobs]
+    profile = f"profile-{keys[0]['profile']}"
+    assert all(k["profile"] == keys[0]["profile"] for k in keys)  # one profile, made by the first job
+    for i, job in enumerate(jobs):
+        artifacts = set(logged(sweep / str(i))["artifacts"])
+        data, model = f"data-{keys[i]['data']}", f"sft-{keys[i]['sft']}"
+        # Each job made its own data and model; the profile is the first job's output, the others' input.
+        assert {(data, "dataset", "output"), (model, "model", "output")} <= artifacts
+        assert (profile, "dataset", "output" if i == 0 else "input") in artifacts
+        assert (profile, "dataset", "input" if i == 0 else "output") not in artifacts
+
+
+def test_export_writes_a_hugging_face_dataset_with_its_card(demo, tmp_path) -> None:
+    from datasets import load_from_disk
+    from huggingface_hub import DatasetCard
+
+    from stat_exp.export import COLUMNS, export
+
+    sweep, _ = demo
+    export(sweep / "0", tmp_path / "sel")
+    dataset = load_from_disk(str(tmp_path / "sel"))
+    assert list(dataset) == ["train"] and len(dataset["train"]) == 48
+    assert set(COLUMNS) <= set(dataset["train"].column_names)
+    row = dataset["train"][0]
+    assert row["messages"] == [{"role": "user", "content": row["question"]},
+                               {"role": "assistant", "content": row["answer"]}]
+    card = DatasetCard.load(tmp_path / "sel" / "README.md")
+    assert card.data.license == "apache-2.0" and "variant-sel" in card.data.tags
+    assert card.data.size_categories == ["n<1K"]
+    command = next(line for line in card.text.splitlines() if line.startswith("- **Command:**"))
+    assert "`python -m stat_exp " in command and "experiment=demo" in command and "variant=sel" in command
+    assert "oracle/skillworld" in card.text and "## Missing-Skill-Profile" in card.text
+    profile = json.loads((tmp_path / "sel" / "profile.json").read_text())
+    logged_profile = json.loads((sweep / "0" / "metrics.json").read_text())["profile"]["base"]
+    assert profile["profile"] == logged_profile["f"] and profile["difficult"] == logged_profile["difficult"]
+    assert (tmp_path / "sel" / "diagnoses.jsonl").read_text().count("\n") == profile["difficult"]

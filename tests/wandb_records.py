@@ -36,9 +36,10 @@ def _chunks(data: bytes):
 
 
 def logged(run_dir: Path) -> dict:
-    """History, summary, config, group, name and job type of the run folder's only W&B run."""
+    """History, summary, config, group, name, job type and artifacts (name, type, "output" or
+    "input") of the run folder's only W&B run."""
     (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
-    out = {"history": [], "summary": {}, "config": {}, "group": None, "name": None, "job_type": None}
+    out = {"history": [], "summary": {}, "config": {}, "group": None, "name": None, "job_type": None, "artifacts": []}
     for chunk in _chunks(path.read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(chunk)
@@ -47,6 +48,9 @@ def logged(run_dir: Path) -> dict:
             out["history"].append({_key(i): json.loads(i.value_json) for i in record.history.item})
         elif kind == "summary":
             out["summary"].update({_key(i): json.loads(i.value_json) for i in record.summary.update})
+        elif kind == "artifact":
+            a = record.artifact
+            out["artifacts"].append((a.name, a.type, "input" if a.use_after_commit else "output"))
         if kind == "run":
             out["group"] = record.run.run_group
             out["name"], out["job_type"] = record.run.display_name, record.run.job_type
