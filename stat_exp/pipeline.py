@@ -93,8 +93,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             after = diagnose(cfg, store, tracker, teacher, student, val, catalogue, label="after")
             _compare_profiles(tracker, before, after)
         _summary_table(tracker)
+    except (SystemExit, KeyboardInterrupt):
+        # SLURM preempting or timing out the job (submitit exits it to requeue), or ^C: W&B is
+        # left open so that the requeued job resumes the same run.
+        tracker.stopped = True
+        raise
     finally:
         tracker.metrics["stages"] = [vars(e) for e in store.events]
+        tracker.metrics["cache_dir"] = str(store.root)  # where `python -m stat_exp.export` finds them
         tracker.log({f"cache/{status}": sum(e.status == status for e in store.events) for status in ("computed", "reused")})
         metrics_path = tracker.finish()
     log.info("stages: %s", ", ".join(f"{e.stage} {e.status}" for e in store.events))
@@ -330,6 +336,7 @@ def profile(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Callable, 
         compute=compute,
         incomplete=_profile_incomplete,
     )
+    tracker.link(artifact, "dataset", produced=_computed(store, artifact))
     summary = artifact.summary
     f = summary["profile"]
     tracker.log({f"profile/{label}/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -386,6 +393,9 @@ def training_data(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Call
         compute=compute,
         incomplete=_teacher_incomplete,
     )
+    if diagnoses is not None:
+        tracker.link(diagnoses, "dataset", produced=False)  # the profile the data was drawn for
+    tracker.link(artifact, "dataset", produced=_computed(store, artifact))
     card = artifact.summary
     tracker.log({f"data/{k}": v for k, v in card.items() if isinstance(v, (int, float, bool))})
     tracker.log({"data/card": card})
@@ -420,6 +430,8 @@ def finetune(cfg: DictConfig, store: Store, tracker: Tracker, student: Student, 
         version=SFT_VERSION,
         compute=compute,
     )
+    tracker.link(data, "dataset", produced=False)  # what it was trained on
+    tracker.link(artifact, "model", produced=_computed(store, artifact))
     tracker.log({f"train/{label}/{k}": v for k, v in artifact.summary.items() if isinstance(v, (int, float))})
     return Student(str(artifact.path / "model"), artifact.key)
 
@@ -640,6 +652,11 @@ def _teacher_identity(cfg: DictConfig, kinds: tuple[str, ...]) -> dict:
     if oracle.serves(t.model):  # skillworld's teacher: its answers are its code's, in its world's numbers
         identity["oracle"] = {"version": oracle.VERSION, "world": OmegaConf.to_container(cfg.task.world)}
     return identity
+
+
+def _computed(store: Store, artifact: Artifact) -> bool:
+    """Whether this run computed `artifact` (rather than reusing it from the cache)."""
+    return any(e.key == artifact.key and e.stage == artifact.stage and e.status == "computed" for e in store.events)
 
 
 def _catalogue(artifact: Artifact) -> dict:

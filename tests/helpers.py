@@ -20,10 +20,10 @@ def compose_config(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
-def run_cli(*args: str, timeout: int = 600) -> str:
+def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> str:
     """`python -m stat_exp *args` from the repository root, W&B offline and with no API key;
     fails the test unless it exits 0, else returns what it printed."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env = {**(env or os.environ), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env.pop("WANDB_API_KEY", None)
     out = subprocess.run([sys.executable, "-m", "stat_exp", *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=timeout)
