@@ -170,6 +170,7 @@ class TeacherConfig:
     parse_retries: int = 2  # fresh samples asked for when an answer cannot be parsed
     parse_retry_temperature: float = 0.7  # so that a retry can differ from the unparsable answer
     max_cost_usd: Optional[float] = None  # stop (keeping every paid answer) once a run has spent this
+    diagnosis_sees_reference: bool = False  # show the diagnosis the reference solution and answer (the paper's shows neither)
     sampling: Dict[str, Sampling] = field(default_factory=_teacher_sampling)  # per prompt kind
 
 
