@@ -142,6 +142,8 @@ def match_skills(names: Iterable[str], catalogue: Sequence[str]) -> tuple[list[s
 _SEPARATOR = re.compile(r"[,;]")
 # Where a name's explanation begins, `name: why` or `name - why`; or where a label ends, `Skills: name`.
 _EXPLANATION = re.compile(r":|\s[-\u2013\u2014]\s")
+# Where names written as `a and b` or `a & b` part.
+_AND = re.compile(r"(?:^|\s)(?:and|&)\s", re.IGNORECASE)
 # A remark in brackets after a name: `factoring_skills (to split the quadratic)`.
 _REMARK = re.compile(r"\([^()]*\)?")
 # Quotes, brackets, markdown and a full stop around an unknown name, trimmed to show it.
@@ -152,9 +154,10 @@ def _names_in_line(line: str, by_normal: dict[str, str], span: int) -> list[str]
     """The names on one line of a skill list, in order.
 
     The line splits at commas and semicolons into parts; the longest run of parts (up to
-    `span`) that is a catalogue name is one name. A part with a colon or a spaced dash is a
-    name and its explanation, which runs to the end of the line, unless only what follows is a
-    catalogue name (`Skills: name`). A remark in brackets is dropped. Any other part is one name.
+    `span`) that is a catalogue name is one name; so are the pieces of a part joined by "and"
+    when each is one. A part with a colon or a spaced dash is a name and its explanation, which
+    runs to the end of the line, unless only what follows is a catalogue name (`Skills: name`).
+    A remark in brackets is dropped. Any other part is one name.
     """
     parts = _SEPARATOR.split(line)
     names: list[str] = []
@@ -168,6 +171,10 @@ def _names_in_line(line: str, by_normal: dict[str, str], span: int) -> list[str]
             continue
         part = _REMARK.sub("", parts[start])
         start += 1
+        joined = [piece for piece in _AND.split(part) if piece.strip()]
+        if joined != [part] and all(normalize_skill(piece) in by_normal for piece in joined):
+            names += joined  # `a and b`, or the last of `a, b, and c`
+            continue
         explained = _EXPLANATION.search(part)
         if explained is None:
             names.append(part)
