@@ -48,6 +48,10 @@ _MAX_SKILL_CHARS = 100
 _NO_SKILL = frozenset({"none", "na", "n_a", "nothing", "no_skill", "no_skills"})
 
 
+# List markers: `-`, `*`, `•`, `+`, `1.`, `2)`; not the digits that begin `3d_geometry`.
+_LIST_MARKER = re.compile(r"^(?:[-*•+]+|\d+[.)](?!\d))\s*")
+
+
 @lru_cache(maxsize=None)
 def _tag_pattern(tag: str) -> re.Pattern:
     # Not `<\s*/?\s*`: two adjacent `\s*` backtrack quadratically over a long run of spaces.
@@ -93,9 +97,7 @@ def find_tags(text: str, tag: str) -> list[str]:
 
 def normalize_skill(name: str) -> str:
     """A skill name in snake_case: `- **Completing the square**` -> `completing_the_square`."""
-    name = name.strip().lower()
-    # List markers: `-`, `*`, `•`, `+`, `1.`, `2)`; not the digits that begin `3d_geometry`.
-    name = re.sub(r"^(?:[-*•+]+|\d+[.)](?!\d))\s*", "", name)
+    name = _LIST_MARKER.sub("", name.strip().lower())
     name = re.sub(r"[\s\-/]+", "_", name)  # word separators
     name = re.sub(r"[^\w]", "", name)  # backticks, quotes, markdown, other punctuation
     return re.sub(r"_+", "_", name).strip("_")
@@ -126,7 +128,7 @@ def match_skills(names: Iterable[str], catalogue: Sequence[str]) -> tuple[list[s
         if normal in by_normal:
             known.append(by_normal[normal])
         else:
-            unknown.append(name.strip().strip(_WRAPPERS).strip())
+            unknown.append(_LIST_MARKER.sub("", name.strip()).strip(_WRAPPERS).strip())
 
     for content in names:
         if normalize_skill(content) in by_normal:
@@ -146,7 +148,7 @@ _EXPLANATION = re.compile(r":|\s[-\u2013\u2014]\s")
 _AND = re.compile(r"(?:^|\s)(?:and|&)\s", re.IGNORECASE)
 # A remark in brackets after a name: `factoring_skills (to split the quadratic)`.
 _REMARK = re.compile(r"\([^()]*\)?")
-# Quotes, brackets, markdown and a full stop around an unknown name, trimmed to show it.
+# Quotes, brackets, markdown and a full stop around an unknown name, trimmed (with a list marker) to show it.
 _WRAPPERS = "\"'`*_[](){}.,;:"
 
 
