@@ -103,6 +103,18 @@ def normalize_skill(name: str) -> str:
     return re.sub(r"_+", "_", name).strip("_")
 
 
+# What separates the names of a list written on one line.
+_SEPARATOR = re.compile(r"[,;]")
+# Where a name's explanation begins, `name: why` or `name - why`; or where a label ends, `Skills: name`.
+_EXPLANATION = re.compile(r":|\s[-\u2013\u2014]\s")
+# Where names written as `a and b` or `a & b` part.
+_AND = re.compile(r"(?:^|\s)(?:and|&)\s", re.IGNORECASE)
+# A remark in brackets after a name, closed or cut off: `factoring_skills (to split the quadratic)`.
+_REMARK = re.compile(r"\([^()]*\)?")
+# Quotes, brackets, markdown and a full stop around an unknown name, trimmed (with a list marker) to show it.
+_WRAPPERS = "\"'`*_[](){}.,;:"
+
+
 def match_skills(names: Iterable[str], catalogue: Sequence[str]) -> tuple[list[str], list[str]]:
     """(known, unknown): the catalogue skills that `names` (tag contents, each one name or a list
     of them) name, spelled as in the catalogue and deduplicated in teacher order; and the other
@@ -138,18 +150,6 @@ def match_skills(names: Iterable[str], catalogue: Sequence[str]) -> tuple[list[s
             for name in _names_in_line(line, by_normal, span):
                 add(name)
     return known, unknown
-
-
-# What separates the names of a list written on one line.
-_SEPARATOR = re.compile(r"[,;]")
-# Where a name's explanation begins, `name: why` or `name - why`; or where a label ends, `Skills: name`.
-_EXPLANATION = re.compile(r":|\s[-\u2013\u2014]\s")
-# Where names written as `a and b` or `a & b` part.
-_AND = re.compile(r"(?:^|\s)(?:and|&)\s", re.IGNORECASE)
-# A remark in brackets after a name: `factoring_skills (to split the quadratic)`.
-_REMARK = re.compile(r"\([^()]*\)?")
-# Quotes, brackets, markdown and a full stop around an unknown name, trimmed (with a list marker) to show it.
-_WRAPPERS = "\"'`*_[](){}.,;:"
 
 
 def _names_in_line(line: str, by_normal: dict[str, str], span: int) -> list[str]:
