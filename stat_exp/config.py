@@ -175,6 +175,7 @@ class TeacherConfig:
     # Above this share of a stage's requests left unparsed after every attempt, the stage fails: the
     # teacher's format and the parser disagree, and a profile built on the rest would be skewed.
     max_unparsed_fraction: float = 0.1
+    diagnosis_sees_reference: bool = False  # show the diagnosis the reference solution and answer (the paper's shows neither)
     sampling: Dict[str, Sampling] = field(default_factory=_teacher_sampling)  # per prompt kind
 
 

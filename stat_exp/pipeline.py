@@ -321,7 +321,7 @@ def profile(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Callable, 
     catalogue_dict = _catalogue(catalogue)
 
     def compute(out: Path) -> dict:
-        solutions = {row["id"]: row["solution"] for row in val}  # the teacher compares with the reference
+        solutions = {row["id"]: row["solution"] for row in val}  # shown with teacher.diagnosis_sees_reference
         records = [r | {"solution": solutions.get(r["id"], "")} for r in probe_val.rows()]
         diagnoses, usage = _metered(cfg, teacher, lambda: profiles.diagnose(teacher(), records, verdicts.rows("val"),
                                                                        catalogue_dict))
@@ -330,7 +330,8 @@ def profile(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Callable, 
 
     artifact = store.stage(
         "profile",
-        config={"teacher": _teacher_identity(cfg, ("diagnosis",))},
+        config={"teacher": _teacher_identity(cfg, ("diagnosis",)),
+                "sees_reference": cfg.teacher.diagnosis_sees_reference},
         inputs={"probe": probe_val.key, "difficulty": verdicts.key, "catalogue": catalogue.key},
         version=PROFILE_VERSION,
         compute=compute,

@@ -19,14 +19,18 @@ from stat_exp.teacher.prompts import render
 def diagnose(teacher: Teacher, records: Sequence[dict], verdicts: Sequence[dict], catalogue: Catalogue) -> list[dict]:
     """One diagnosis per difficult record: judge, reason, missing skills (empty when judged correct).
 
-    A diagnosis that never parses keeps the raw answer and its error, and names no skill.
+    A diagnosis that never parses keeps the raw answer and its error, and names no skill. As in
+    the paper, the teacher sees no reference solution or answer unless
+    `teacher.diagnosis_sees_reference` is set.
     """
     difficult = [(r, v) for r, v in zip(records, verdicts, strict=True) if v["difficult"]]
     skill_lists = [subject_skills(catalogue, r) for r, _ in difficult]
+    sees_reference = teacher.cfg.diagnosis_sees_reference
     requests = [
         Request("diagnosis", tuple(render("diagnosis", subject=r["subject"], problem=r["problem"],
-                                          reference=r.get("solution") or "", answer=r["answer"],
-                                          response=r["responses"][v["response"]], skills=skills)))
+                                          response=r["responses"][v["response"]], skills=skills,
+                                          **({"reference": r.get("solution") or "", "answer": r["answer"]}
+                                             if sees_reference else {}))))
         for (r, v), skills in zip(difficult, skill_lists)
     ]
     replies = teacher.ask(requests, [partial(parsers.parse_diagnosis, catalogue=s) for s in skill_lists],

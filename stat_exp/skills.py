@@ -90,7 +90,7 @@ def label_questions(teacher: Teacher, rows: Sequence[dict], catalogue: Catalogue
     skill_lists = [subject_skills(catalogue, row) for row in rows]
     replies = teacher.ask(
         [Request("skill_labelling", tuple(render("skill_labelling", subject=row["subject"], problem=row["problem"],
-                                                 solution=row["solution"], skills=skills, max_skills=max_skills)))
+                                                 skills=skills, max_skills=max_skills)))
          for row, skills in zip(rows, skill_lists)],
         [partial(parsers.parse_labels, catalogue=skills, max_skills=max_skills) for skills in skill_lists],
         desc="labelling skills",

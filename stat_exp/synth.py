@@ -53,7 +53,7 @@ def synthesize(inputs, cfg: VariantConfig, targets: list[tuple[str | None, str, 
     teacher = inputs.teacher()
     requests = [
         Request("synthesis", tuple(render("synthesis", skill=skill, subject=subject, count=cfg.new_questions,
-                                          examples=[{"problem": e["problem"], "solution": e["solution"]} for e in examples])),
+                                          examples=[{"problem": e["problem"]} for e in examples])),
                 sample=pass_index)
         for skill, subject, examples in targets
     ]

@@ -1,11 +1,14 @@
 """Parsers of the teacher's tagged answers: clean, messy and garbage text."""
 
 import random
+import re
 import string
 import time
 from functools import partial
+from pathlib import Path
 
 import pytest
+import yaml
 
 from stat_exp.teacher.parsers import (
     Diagnosis,
@@ -27,6 +30,7 @@ CATALOGUE = [
     "quadratic_equation_skills",
     "3d_geometry_and_volume_calculation_skills",
     "ratio_and_proportion_skills",
+    "sequences, series and summation",  # a name holding commas
 ]
 
 
@@ -200,6 +204,50 @@ def test_parse_labels_rejects_a_bad_max_skills():
         parse_labels("<skill>factoring_skills</skill>", CATALOGUE, max_skills=0)
 
 
+# Answers as real teachers write them (tests/data/teacher_answers.yaml), each with its expected parse
+
+ANSWERS = yaml.safe_load((Path(__file__).parent / "data" / "teacher_answers.yaml").read_text(encoding="utf-8"))
+
+
+def test_the_answer_file_covers_both_parsers():
+    kinds = [answer["parser"] for answer in ANSWERS["answers"]]
+    assert len(kinds) >= 30 and kinds.count("labels") >= 10 and kinds.count("diagnosis") >= 10
+    assert len({answer["id"] for answer in ANSWERS["answers"]}) == len(kinds)
+
+
+@pytest.mark.parametrize("answer", ANSWERS["answers"], ids=lambda answer: answer["id"])
+def test_real_teacher_answers(answer):
+    catalogue = ANSWERS["catalogues"][answer["catalogue"]]
+    if answer["parser"] == "labels":
+        parse = partial(parse_labels, catalogue=catalogue, max_skills=answer.get("max_skills", 5))
+    else:
+        parse = partial(parse_diagnosis, catalogue=catalogue)
+    if "error" in answer:
+        with pytest.raises(ParseError, match=re.escape(answer["error"])):
+            parse(answer["text"])
+        return
+    parsed = parse(answer["text"])
+    expect = answer["expect"]
+    assert list(parsed.skills) == expect["skills"]
+    assert list(parsed.unknown) == expect["unknown"]
+    if answer["parser"] == "diagnosis":
+        assert parsed.judge == expect["judge"]
+
+
+def test_a_catalogue_name_holding_commas_is_never_split():
+    catalogue = ["sequences, series and summation", "sequences", "series and summation"]
+    assert parse_labels("<skill>Sequences, series and summation</skill>", catalogue).skills == (catalogue[0],)
+    assert parse_labels("<skill>sequences; series and summation</skill>", catalogue).skills == (catalogue[0],)
+    # The parts are names only where the whole is not.
+    assert parse_labels("<skill>series and summation, sequences</skill>", catalogue).skills == (catalogue[2], catalogue[1])
+
+
+def test_an_explanation_after_a_name_is_no_name():
+    text = "<skill>1. factoring_skills: to split $x^2-5x+6$, then solve\n2. sign_rules - as in $(-1)^3$, twice</skill>"
+    labels = parse_labels(text, CATALOGUE)
+    assert labels.skills == ("factoring_skills",) and labels.unknown == ("sign_rules",)
+
+
 # parse_diagnosis
 
 
@@ -341,6 +389,9 @@ PIECES = [
     "<question>", "</question>", "<members>", "<", ">", "/", "\\boxed{", "\\fbox", "{", "}", "\\", "$",
     "correct", "incorrect", "not", "factoring_skills", "- ", "1. ", "`", "'", "\n", " ", "\u2019",
     "\x00", "\ufffd", "\U0001f600", "é", "_",
+    # skill lists: separators, brackets, markdown, explanations, a name holding commas
+    ",", ", ", ";", "[", "]", '"', "**", ": ", " - ", "(", ")", " and ", "quadratic equation skills",
+    "sequences, series and summation", "sequences", "none",
 ]
 
 

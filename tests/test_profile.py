@@ -50,3 +50,20 @@ def test_profile_counts_match_the_diagnoses_and_malformed_answers_are_kept(tmp_p
 
     png = plot_profiles({"before": summary["profile"], "after": {"factoring": 1}}, tmp_path / "profile.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_diagnosis_sees_the_reference_only_when_configured(tmp_path):
+    """The paper's diagnosis shows the question, the response and the skills; the option adds the reference."""
+    rows = [{"id": "q0", "problem": "Question 0", "subject": "Algebra", "answer": "17",
+             "solution": "Reference solution text", "responses": ["Response 0a"]}]
+    sent = {}
+    for sees_reference in (False, True):
+        with TeacherServer(lambda body: DIAGNOSES[0]) as server:
+            cfg = OmegaConf.structured(TeacherConfig(name="local", model="openai/scripted", api_base=server.url,
+                                                     diagnosis_sees_reference=sees_reference))
+            (diagnosis,) = diagnose(Teacher(cfg, tmp_path / str(sees_reference)), rows, [{"difficult": True, "response": 0}],
+                                    CATALOGUE)
+            (sent[sees_reference],) = [b["messages"][-1]["content"] for b in server.bodies]
+        assert diagnosis["skills"] == ["factoring", "quadratics"]
+    assert "Reference solution text" not in sent[False] and "17" not in sent[False]
+    assert "## Reference solution\nReference solution text\n\n## Reference final answer\n17" in sent[True]

@@ -42,7 +42,7 @@ def scripted_teacher(body: dict) -> str:
         number = int(re.search(r"Problem (\d+)", prompt).group(1))
         if number == 7:
             return "no tags at all"  # a malformed answer: retried, then recorded
-        return "<skill>solving_equations</skill><skill>made_up_skill</skill><reason>both</reason>"
+        return "<skill>solving_equations, made_up_skill</skill><reason>both</reason>"  # the paper's format
     raise AssertionError(f"unexpected prompt: {prompt[:200]}")
 
 
@@ -70,6 +70,8 @@ def test_teacher_builds_catalogue_and_map_and_rerun_calls_nothing(tmp_path, tiny
         assert server.api_keys == {SECRET}
         # 5 questions named per subject, 2 clusterings, 20 labels + 2 retries of the malformed one.
         assert first_requests == 10 + 2 + 20 + 2
+        labelling = [p for p in (b["messages"][-1]["content"] for b in server.bodies) if "Which skills from this list" in p]
+        assert len(labelling) == 22 and not [p for p in labelling if "\\boxed" in p]  # as in the paper, no solution shown
 
         again = run(compose_config(*overrides), tmp_path / "run2")
         assert server.requests == first_requests  # every answer came from the cache

@@ -23,16 +23,16 @@ from stat_exp.tasks import skillworld
 from stat_exp.tasks.skillworld import Step
 
 PROVIDER = "oracle"
-VERSION = "2"  # raise when an answer changes: the teacher's cache keys on `fingerprint()`
+VERSION = "3"  # raise when an answer changes: the teacher's cache keys on `fingerprint()`
 
 # A phrase only that kind's template has; diagnosis first, since only it embeds free text
 # (the student's response) that might quote another template.
 _KIND_MARKERS = (
     ("diagnosis", "--- BEGIN RESPONSE ---"),
     ("skill_extraction", "Label this problem with the ONE specific mathematical skill"),
-    ("skill_clustering", "Here is a list of fine-grained skills"),
+    ("skill_clustering", "Group them into between"),
     ("skill_labelling", "Which skills from this list are needed to solve the problem?"),
-    ("synthesis", "Write new practice problems that train this skill."),
+    ("synthesis", "Write new practice problems that train"),
     ("rewrite", "Rewrite the reference solution"),
     ("solution", "Solve the following problem."),
 )
@@ -183,11 +183,16 @@ def _find(pattern: str, text: str) -> str:
 
 
 def _problem(prompt: str) -> str:
-    return _between(prompt, "## Problem\n", "\n\n## Reference")
+    """The `## Problem` section: up to the next section or the end (the templates put it last)."""
+    begin = prompt.find("## Problem\n")
+    if begin < 0:
+        raise ValueError("no '## Problem' section")
+    return prompt[begin + len("## Problem\n"):].split("\n\n## ", 1)[0].strip()
 
 
-def _skill_tags(skills: list[str]) -> str:
-    return "\n".join(f"<skill>{skill}</skill>" for skill in skills)
+def _skill_tag(skills: list[str]) -> str:
+    """The skills as the prompts ask for them, and as the paper's teacher writes them: one tag, commas."""
+    return f"<skill>{', '.join(skills)}</skill>"
 
 
 # One function per prompt kind: (prompt, world, rng) -> answer text.
@@ -201,7 +206,7 @@ def _extraction(prompt: str, world: WorldConfig, rng: random.Random) -> str:
 def _clustering(prompt: str, world: WorldConfig, rng: random.Random) -> str:
     # The catalogue is the world's skills, not only those the sampled questions showed first: a
     # skill rare in the pool may be missing from the sample, and it is the one a profile must name.
-    given = set(_bullets(prompt, "Here is a list of fine-grained skills"))
+    given = set(_bullets(prompt, "## Fine-grained skills for "))
     return "\n".join(f"<skill>{skill}</skill>\n<members>{skill if skill in given else ''}</members>"
                      for skill in world.skills)
 
@@ -212,7 +217,7 @@ def _labelling(prompt: str, world: WorldConfig, rng: random.Random) -> str:
     limit = int(_find(r"Choose at most (\d+)", prompt))
     known = [skill for skill in skillworld.skills_of(steps) if skill in allowed][:limit]
     uses = "; ".join(f"{step.line} uses {step.skill}" for step in steps)
-    return f"{_skill_tags(known)}\n<reason>{uses}.</reason>"
+    return f"{_skill_tag(known)}\n<reason>{uses}.</reason>"
 
 
 def _diagnosis(prompt: str, world: WorldConfig, rng: random.Random) -> str:
@@ -226,7 +231,7 @@ def _diagnosis(prompt: str, world: WorldConfig, rng: random.Random) -> str:
     if not results:
         return (f"<reason>The response has no step with a result, so it applied none of the steps; it should "
                 f"have computed {'; '.join(step.line for step in steps)}.</reason>\n<judge>incorrect</judge>\n"
-                f"{_skill_tags(skillworld.skills_of(steps))}")
+                f"{_skill_tag(skillworld.skills_of(steps))}")
     wrong = skillworld.first_wrong_step(problem, response)  # not None: the final answer is wrong
     step = steps[wrong]
     if wrong >= len(results):
@@ -240,11 +245,11 @@ def _diagnosis(prompt: str, world: WorldConfig, rng: random.Random) -> str:
 
 
 def _synthesis(prompt: str, world: WorldConfig, rng: random.Random) -> str:
-    skill = _find(r"fails to apply the skill `([^`]+)`", prompt)
+    skill = _find(r"## Skill\n`([^`]+)`", prompt)
     count = int(_find(r"Write (\d+) NEW problems", prompt))
     if skill not in world.skills:
         raise ValueError(f"{skill!r} is not a skill of this world ({', '.join(world.skills)})")
-    taken = {example.strip() for example in re.findall(r"### Problem\n(.*?)\n\n### Solution", prompt, re.DOTALL)}
+    taken = {example.strip() for example in re.findall(r"### Problem\n(.*?)(?=\n\n## Example|\Z)", prompt, re.DOTALL)}
     questions: list[str] = []
     for _ in range(100 * count):  # bounded: a tiny world may have fewer new problems than asked
         problem = skillworld.sample_problem(world, rng, require=skill)

@@ -1,7 +1,10 @@
 """Parsers of the teacher's tagged answers (`<skill>`, `<reason>`, `<judge>`, `<question>`).
 
 Teachers write tags loosely: mixed case, spaces inside the brackets, markdown around names,
-a closing tag forgotten, an answer cut off by the token limit. The parsers read what they can
+a closing tag forgotten, an answer cut off by the token limit. Skill lists come one name per
+tag or several in one tag (the paper's own format: `<skill>a, b, c</skill>`), separated by
+commas, semicolons or new lines, numbered or bulleted, as a JSON or Python list, quoted, in
+bold, with a trailing period or an explanation after the name. The parsers read what they can
 and otherwise raise `ParseError`, saying what was missing; no other exception escapes them,
 whatever the text, so the client can count a failure, keep the raw text and retry.
 """
@@ -43,6 +46,10 @@ _ANY_TAG = re.compile(r"<\s*(?:/\s*)?[A-Za-z][\w-]*\s*>")
 _MAX_SKILL_CHARS = 100
 # What teachers write in a skill tag to mean "no skill"; neither a known nor an unknown skill.
 _NO_SKILL = frozenset({"none", "na", "n_a", "nothing", "no_skill", "no_skills"})
+
+
+# List markers: `-`, `*`, `•`, `+`, `1.`, `2)`; not the digits that begin `3d_geometry`.
+_LIST_MARKER = re.compile(r"^(?:[-*•+]+|\d+[.)](?!\d))\s*")
 
 
 @lru_cache(maxsize=None)
@@ -90,34 +97,97 @@ def find_tags(text: str, tag: str) -> list[str]:
 
 def normalize_skill(name: str) -> str:
     """A skill name in snake_case: `- **Completing the square**` -> `completing_the_square`."""
-    name = name.strip().lower()
-    # List markers: `-`, `*`, `•`, `+`, `1.`, `2)`; not the digits that begin `3d_geometry`.
-    name = re.sub(r"^(?:[-*•+]+|\d+[.)](?!\d))\s*", "", name)
+    name = _LIST_MARKER.sub("", name.strip().lower())
     name = re.sub(r"[\s\-/]+", "_", name)  # word separators
     name = re.sub(r"[^\w]", "", name)  # backticks, quotes, markdown, other punctuation
     return re.sub(r"_+", "_", name).strip("_")
 
 
+# What separates the names of a list written on one line.
+_SEPARATOR = re.compile(r"[,;]")
+# Where a name's explanation begins, `name: why` or `name - why`; or where a label ends, `Skills: name`.
+_EXPLANATION = re.compile(r":|\s[-\u2013\u2014]\s")
+# Where names written as `a and b` or `a & b` part.
+_AND = re.compile(r"(?:^|\s)(?:and|&)\s", re.IGNORECASE)
+# A remark in brackets after a name, closed or cut off: `factoring_skills (to split the quadratic)`.
+_REMARK = re.compile(r"\([^()]*\)?")
+# Quotes, brackets, markdown and a full stop around an unknown name, trimmed (with a list marker) to show it.
+_WRAPPERS = "\"'`*_[](){}.,;:"
+
+
 def match_skills(names: Iterable[str], catalogue: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(known, unknown): the names found in `catalogue` by normalized name, spelled as there and
-    deduplicated in order; and the others as written, deduplicated. Empty names and "none" are
-    neither."""
+    """(known, unknown): the catalogue skills that `names` (tag contents, each one name or a list
+    of them) name, spelled as in the catalogue and deduplicated in teacher order; and the other
+    names, as written (markup trimmed), deduplicated. Empty names and "none" are neither.
+
+    A content is matched whole first, then by its parts, so a catalogue name that itself holds
+    a comma ("sequences, series and summation") is found whole inside a comma-separated list.
+    """
     by_normal: dict[str, str] = {}
     for skill in catalogue:
         by_normal.setdefault(normalize_skill(skill), skill)
+    # The most separators a catalogue name holds: how many parts may join back into one name.
+    span = 1 + max((len(_SEPARATOR.findall(skill)) for skill in catalogue), default=0)
     known: list[str] = []
     unknown: list[str] = []
     seen: set[str] = set()
-    for name in names:
+
+    def add(name: str) -> None:
         normal = normalize_skill(name)
         if not normal or normal in _NO_SKILL or normal in seen:
-            continue
+            return
         seen.add(normal)
         if normal in by_normal:
             known.append(by_normal[normal])
         else:
-            unknown.append(name.strip())
+            unknown.append(_LIST_MARKER.sub("", name.strip()).strip(_WRAPPERS).strip())
+
+    for content in names:
+        if normalize_skill(content) in by_normal:
+            add(content)
+            continue
+        for line in content.splitlines():
+            for name in _names_in_line(line, by_normal, span):
+                add(name)
     return known, unknown
+
+
+def _names_in_line(line: str, by_normal: dict[str, str], span: int) -> list[str]:
+    """The names on one line of a skill list, in order.
+
+    The line splits at commas and semicolons into parts; the longest run of parts (up to
+    `span`) that is a catalogue name is one name; so are the pieces of a part joined by "and"
+    when each is one. A part with a colon or a spaced dash is a name and its explanation, which
+    runs to the end of the line, unless only what follows is a catalogue name (`Skills: name`).
+    A remark in brackets is dropped. Any other part is one name.
+    """
+    parts = _SEPARATOR.split(line)
+    names: list[str] = []
+    start = 0
+    while start < len(parts):
+        stop = next((stop for stop in range(min(len(parts), start + span), start, -1)
+                     if normalize_skill(",".join(parts[start:stop])) in by_normal), None)
+        if stop is not None:
+            names.append(",".join(parts[start:stop]))
+            start = stop
+            continue
+        part = _REMARK.sub("", parts[start])
+        start += 1
+        joined = [piece for piece in _AND.split(part) if piece.strip()]
+        if joined != [part] and all(normalize_skill(piece) in by_normal for piece in joined):
+            names += joined  # `a and b`, or the last of `a, b, and c`
+            continue
+        explained = _EXPLANATION.search(part)
+        if explained is None:
+            names.append(part)
+            continue
+        head, tail = part[: explained.start()], part[explained.end() :]
+        if normalize_skill(head) not in by_normal and normalize_skill(tail) in by_normal:
+            names.append(tail)  # `Skills: name`
+            continue
+        names.append(head)
+        break  # the rest of the line explains `head`
+    return names
 
 
 def _skill_names(text: str) -> list[str]:

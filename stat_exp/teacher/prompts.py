@@ -22,8 +22,8 @@ KINDS = (
 SYSTEM = (
     "You are an expert mathematics teacher who analyses problems and solutions and writes new "
     "problems to train a student model. Write mathematics in LaTeX. When the instructions ask "
-    "for tags such as <skill>...</skill>, put each requested item in its own tag, open and close "
-    "every tag, and use exactly the tag names given."
+    "for tags such as <skill>...</skill>, open and close every tag, and use exactly the tag names "
+    "given."
 )
 
 _ENV = jinja2.Environment(
