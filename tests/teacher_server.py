@@ -38,6 +38,7 @@ class TeacherServer:
     api_keys: set = field(default_factory=set)  # the bearer tokens clients sent
     batch_polls: int = 1  # retrievals of a batch until it ends; its completed count grows with each
     batch_outcomes: list = field(default_factory=list)  # per batch created: completed | expired | failed
+    batch_poll_errors: int = 0  # retrievals of a batch answered 500 before any is answered
     batch_creates: int = 0  # POST /v1/batches received
     batches: dict = field(default_factory=dict)  # batch id -> the batch object, as last returned
     files: dict = field(default_factory=dict)  # file id -> content (uploaded inputs, written outputs)
@@ -113,6 +114,9 @@ def _handler(server: TeacherServer):
                 if self.command == "POST" and parts == ["batches"]:
                     return self._send(200, _create_batch(server, json.loads(data)))
                 if self.command == "GET" and parts[0] == "batches" and len(parts) == 2:
+                    if server.batch_poll_errors:
+                        server.batch_poll_errors -= 1
+                        return self._send(500, {"error": {"message": "internal error", "type": "server_error"}})
                     return self._send(200, _poll_batch(server, parts[1]))
             self._send(404, {"error": {"message": f"no route {self.command} {self.path}", "type": "invalid_request_error"}})
 

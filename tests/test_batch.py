@@ -60,6 +60,14 @@ def test_polling_shows_progress(tmp_path, capsys):
     assert "batch batch-1" in err and "8/8" in err
 
 
+def test_a_failed_poll_is_retried(tmp_path):
+    with TeacherServer(labeller, batch_poll_errors=3) as server:  # one more than litellm's default retries
+        teacher = Teacher(batch_config(server, max_retries=3), tmp_path)
+        records = label_questions(teacher, questions(4), CATALOGUE, max_skills=5)
+    assert [r["skills"] for r in records] == EXPECTED[:4]
+    assert server.batch_poll_errors == 0 and server.batch_creates == 1
+
+
 def test_batch_answers_are_paid_at_the_batch_price(tmp_path):
     with TeacherServer(labeller) as server:
         teacher = Teacher(batch_config(server, model="openai/gpt-4o-mini"), tmp_path)

@@ -24,9 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# litellm 1.110 creates batches for these providers' chat models; it retrieves Anthropic
+# litellm 1.110 creates OpenAI batches (and Azure's, not tried here); it retrieves Anthropic
 # batches and their results but cannot create one.
-PROVIDERS = ("openai", "azure")
+PROVIDERS = ("openai",)
 ENDED = ("completed", "expired", "cancelled", "failed")
 
 
@@ -35,21 +35,19 @@ class BatchFailed(RuntimeError):
 
 
 class Ledger:
-    """The batches submitted for the cache, in a table of its SQLite file: id, model, keys, status."""
+    """The batches submitted for the cache, in a table of its SQLite file: id, keys, status."""
 
     def __init__(self, db):
         self.db = db
-        self.db.execute("CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, model TEXT NOT NULL, "
-                        "keys TEXT NOT NULL, status TEXT NOT NULL, submitted REAL NOT NULL)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, keys TEXT NOT NULL, "
+                        "status TEXT NOT NULL, submitted REAL NOT NULL)")
 
-    def add(self, batch_id: str, model: str, keys: Sequence[str]) -> None:
-        self.db.execute("INSERT INTO batches VALUES (?, ?, ?, 'submitted', ?)",
-                        (batch_id, model, json.dumps(list(keys)), time.time()))
+    def add(self, batch_id: str, keys: Sequence[str]) -> None:
+        self.db.execute("INSERT INTO batches VALUES (?, ?, 'submitted', ?)", (batch_id, json.dumps(list(keys)), time.time()))
 
-    def in_flight(self, model: str, wanted: set[str]) -> list[tuple[str, list[str]]]:
-        """(id, keys) of the batches still running for `model` that hold any of `wanted`."""
-        rows = self.db.execute("SELECT id, keys FROM batches WHERE model = ? AND status = 'submitted' "
-                               "ORDER BY submitted", (model,)).fetchall()
+    def in_flight(self, wanted: set[str]) -> list[tuple[str, list[str]]]:
+        """(id, keys) of the batches still running that hold any of `wanted` (keys name the model)."""
+        rows = self.db.execute("SELECT id, keys FROM batches WHERE status = 'submitted' ORDER BY submitted").fetchall()
         return [(batch_id, keys) for batch_id, keys in ((i, json.loads(k)) for i, k in rows) if wanted & set(keys)]
 
     def close(self, batch_id: str, status: str) -> None:
@@ -64,30 +62,31 @@ async def answer_uncached(teacher: "Teacher", requests: Sequence["Request"]) -> 
     """
     litellm = teacher._litellm
     model = teacher.cfg.model
-    _, provider, _, _ = litellm.get_llm_provider(model, api_base=teacher.cfg.api_base)
+    name, provider, _, _ = litellm.get_llm_provider(model, api_base=teacher.cfg.api_base)  # name: without the prefix
     if provider not in PROVIDERS:
         raise ValueError(f"teacher.batch=true needs a provider whose batches litellm {version('litellm')} can "
                          f"create ({', '.join(PROVIDERS)}); {model!r} is served by {provider!r}: "
                          "set teacher.batch=false")
-    name = litellm.get_llm_provider(model)[0]  # as the provider knows it, without litellm's prefix
     pending: dict[str, dict] = {}  # cache key -> the batch line that asks for it
     for request in requests:
         key, params = teacher._keyed(request, 0)
         if key not in pending and teacher.cache.get(key) is None:
             pending[key] = {"custom_id": key, "method": "POST", "url": "/v1/chat/completions",
                             "body": {"model": name, "messages": list(request.messages), **params}}
-    api = {"custom_llm_provider": provider, "api_base": teacher.cfg.api_base, "api_key": teacher._api_key}
+    # The OpenAI SDK under litellm retries these calls on rate limits, 5xx and lost connections.
+    api = {"custom_llm_provider": provider, "api_base": teacher.cfg.api_base, "api_key": teacher._api_key,
+           "max_retries": teacher.cfg.max_retries}
     ledger = Ledger(teacher.cache.db)
     answers: dict[str, dict] = {}
     while pending:
-        running = ledger.in_flight(model, set(pending))
+        running = ledger.in_flight(set(pending))
         if not running:
             if teacher._over_budget():
                 break
             lines = list(pending.values())
             for start in range(0, len(lines), teacher.cfg.batch_max_requests):
                 chunk = lines[start:start + teacher.cfg.batch_max_requests]
-                ledger.add(await _submit(litellm, teacher.cfg.batch_completion_window, chunk, api), model,
+                ledger.add(await _submit(litellm, teacher.cfg.batch_completion_window, chunk, api),
                            [line["custom_id"] for line in chunk])
             continue
         for batch_id, keys in running:
