@@ -118,7 +118,8 @@ def _handler(server: TeacherServer):
                         server.batch_poll_errors -= 1
                         return self._send(500, {"error": {"message": "internal error", "type": "server_error"}})
                     return self._send(200, _poll_batch(server, parts[1]))
-            self._send(404, {"error": {"message": f"no route {self.command} {self.path}", "type": "invalid_request_error"}})
+            missing = {"message": f"no route {self.command} {self.path}", "type": "invalid_request_error"}
+            self._send(404, {"error": missing})
 
         def _send_bytes(self, data: bytes) -> None:
             self.send_response(200)

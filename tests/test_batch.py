@@ -117,7 +117,8 @@ def test_an_expired_batch_keeps_its_answers_and_sends_only_the_rest_again(tmp_pa
         teacher = Teacher(batch_config(server), tmp_path)
         records = label_questions(teacher, questions(10), CATALOGUE, max_skills=5)
         first, second = input_ids(server, "batch-1"), input_ids(server, "batch-2")
-        finished = [json.loads(line)["custom_id"] for line in server.files[server.batches["batch-1"]["output_file_id"]].splitlines()]
+        output = server.files[server.batches["batch-1"]["output_file_id"]]
+        finished = [json.loads(line)["custom_id"] for line in output.splitlines()]
     assert [r["skills"] for r in records] == EXPECTED
     assert server.batch_creates == 2 and server.answered == 0
     assert finished == first[:5] and second == first[5:]  # the expired half, and only it
@@ -165,3 +166,11 @@ def test_a_provider_litellm_cannot_batch_is_refused_before_any_request(tmp_path)
         with pytest.raises(ValueError, match="'anthropic'.*teacher.batch=false"):
             label_questions(teacher, questions(2), CATALOGUE, max_skills=5)
     assert server.files == {} and server.batch_creates == 0  # not even an upload
+
+
+def test_an_empty_batch_size_is_named(tmp_path):
+    with TeacherServer(labeller) as server:
+        with pytest.raises(ValueError, match="teacher.batch_max_requests=0"):
+            label_questions(Teacher(batch_config(server, batch_max_requests=0), tmp_path), questions(2), CATALOGUE,
+                            max_skills=5)
+    assert server.files == {}

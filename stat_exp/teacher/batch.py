@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# litellm 1.110 creates OpenAI batches (and Azure's, not tried here); it retrieves Anthropic
+# Whose batches litellm 1.110 creates from OpenAI-format request lines. It reads Anthropic
 # batches and their results but cannot create one.
 PROVIDERS = ("openai",)
 ENDED = ("completed", "expired", "cancelled", "failed")
@@ -43,11 +43,12 @@ class Ledger:
                         "status TEXT NOT NULL, submitted REAL NOT NULL)")
 
     def add(self, batch_id: str, keys: Sequence[str]) -> None:
-        self.db.execute("INSERT INTO batches VALUES (?, ?, 'submitted', ?)", (batch_id, json.dumps(list(keys)), time.time()))
+        self.db.execute("INSERT INTO batches VALUES (?, ?, 'submitted', ?)",
+                        (batch_id, json.dumps(list(keys)), time.time()))
 
     def in_flight(self, wanted: set[str]) -> list[tuple[str, list[str]]]:
         """(id, keys) of the batches still running that hold any of `wanted` (keys name the model)."""
-        rows = self.db.execute("SELECT id, keys FROM batches WHERE status = 'submitted' ORDER BY submitted").fetchall()
+        rows = self.db.execute("SELECT id, keys FROM batches WHERE status = 'submitted' ORDER BY submitted")
         return [(batch_id, keys) for batch_id, keys in ((i, json.loads(k)) for i, k in rows) if wanted & set(keys)]
 
     def close(self, batch_id: str, status: str) -> None:
@@ -60,6 +61,8 @@ async def answer_uncached(teacher: "Teacher", requests: Sequence["Request"]) -> 
     Requests left out (the provider failed them, or the budget was spent before a batch was
     submitted) are not answered here: the online path asks for them.
     """
+    if teacher.cfg.batch_max_requests < 1:
+        raise ValueError(f"teacher.batch_max_requests={teacher.cfg.batch_max_requests}: a batch holds at least 1")
     litellm = teacher._litellm
     model = teacher.cfg.model
     name, provider, _, _ = litellm.get_llm_provider(model, api_base=teacher.cfg.api_base)  # name: without the prefix
