@@ -177,6 +177,10 @@ class TeacherConfig:
     max_unparsed_fraction: float = 0.1
     diagnosis_sees_reference: bool = False  # show the diagnosis the reference solution and answer (the paper's shows neither)
     sampling: Dict[str, Sampling] = field(default_factory=_teacher_sampling)  # per prompt kind
+    batch: bool = False  # a stage's uncached requests go through the provider's Batch API: half price, up to 24 h
+    batch_poll_interval: float = 60.0  # seconds between retrievals of a submitted batch
+    batch_completion_window: str = "24h"  # the provider's deadline; a batch past it expires with what it finished
+    batch_max_requests: int = 50000  # requests per batch (OpenAI's limit); more are split into several
 
 
 @dataclass

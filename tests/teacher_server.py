@@ -2,8 +2,12 @@
 
 The teacher reaches it through litellm over HTTP exactly as it reaches OpenAI. It counts
 requests, and can add latency and inject 429/500 responses or hangs (client time-outs).
+It also serves OpenAI's Batch API (`/v1/files`, `/v1/batches`): a batch runs through the same
+responder, ends after `batch_polls` retrievals, and ends as `batch_outcomes` says.
 """
 
+import email.parser
+import email.policy
 import json
 import random
 import threading
@@ -34,6 +38,12 @@ class TeacherServer:
     answered: int = 0  # requests answered 200
     bodies: list = field(default_factory=list)
     api_keys: set = field(default_factory=set)  # the bearer tokens clients sent
+    batch_polls: int = 1  # retrievals of a batch until it ends; its completed count grows with each
+    batch_outcomes: list = field(default_factory=list)  # per batch created: completed | expired | failed
+    batch_poll_errors: int = 0  # retrievals of a batch answered 500 before any is answered
+    batch_creates: int = 0  # POST /v1/batches received
+    batches: dict = field(default_factory=dict)  # batch id -> the batch object, as last returned
+    files: dict = field(default_factory=dict)  # file id -> content (uploaded inputs, written outputs)
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -73,6 +83,8 @@ def _handler(server: TeacherServer):
             return
 
         def do_POST(self):
+            if not self.path.endswith("/chat/completions"):
+                return self._batch_api()
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             server.api_keys.add(self.headers.get("Authorization", "").removeprefix("Bearer "))
             fault = server._fault()
@@ -89,24 +101,37 @@ def _handler(server: TeacherServer):
             with server._lock:
                 server.answered += 1
                 server.bodies.append(body)
-            prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
-            self._send(
-                200,
-                {
-                    "id": f"chatcmpl-{server.answered}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": body["model"],
-                    "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
-                    ],
-                    "usage": {
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": len(content.split()),
-                        "total_tokens": prompt_tokens + len(content.split()),
-                    },
-                },
-            )
+            self._send(200, _completion(body, content, server.answered))
+
+        def do_GET(self):
+            self._batch_api()
+
+        def _batch_api(self) -> None:
+            """OpenAI's files and batches endpoints: upload, content, create, retrieve."""
+            server.api_keys.add(self.headers.get("Authorization", "").removeprefix("Bearer "))
+            data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            parts = self.path.removeprefix("/v1/").split("/")
+            with server._lock:
+                if self.command == "POST" and parts == ["files"]:
+                    return self._send(200, _upload(server, self.headers["Content-Type"], data))
+                if self.command == "GET" and parts[0] == "files" and parts[-1] == "content":
+                    return self._send_bytes(server.files[parts[1]])
+                if self.command == "POST" and parts == ["batches"]:
+                    return self._send(200, _create_batch(server, json.loads(data)))
+                if self.command == "GET" and parts[0] == "batches" and len(parts) == 2:
+                    if server.batch_poll_errors:
+                        server.batch_poll_errors -= 1
+                        return self._send(500, {"error": {"message": "internal error", "type": "server_error"}})
+                    return self._send(200, _poll_batch(server, parts[1]))
+            missing = {"message": f"no route {self.command} {self.path}", "type": "invalid_request_error"}
+            self._send(404, {"error": missing})
+
+        def _send_bytes(self, data: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
         def _send(self, status: int, payload: dict) -> None:
             data = json.dumps(payload).encode()
@@ -120,3 +145,87 @@ def _handler(server: TeacherServer):
                 self.close_connection = True  # the client timed out and left: what a hang is for
 
     return Handler
+
+
+def _completion(body: dict, content: str, number: int) -> dict:
+    """A chat.completion answering `body` with `content`; a token is a word."""
+    prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
+    return {
+        "id": f"chatcmpl-{number}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(content.split()),
+            "total_tokens": prompt_tokens + len(content.split()),
+        },
+    }
+
+
+def _upload(server: TeacherServer, content_type: str, data: bytes) -> dict:
+    """Stores the multipart upload's `file` part; answers with the file object."""
+    form = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + data
+    )
+    upload = next(part for part in form.iter_parts() if part.get_param("name", header="content-disposition") == "file")
+    file_id = f"file-{len(server.files) + 1}"
+    server.files[file_id] = upload.get_payload(decode=True)
+    return {"id": file_id, "object": "file", "bytes": len(server.files[file_id]), "created_at": int(time.time()),
+            "filename": upload.get_filename(), "purpose": "batch", "status": "processed"}
+
+
+def _create_batch(server: TeacherServer, body: dict) -> dict:
+    server.batch_creates += 1
+    total = len(server.files[body["input_file_id"]].splitlines())
+    batch_id = f"batch-{server.batch_creates}"
+    server.batches[batch_id] = {
+        "id": batch_id, "object": "batch", "endpoint": body["endpoint"], "errors": None,
+        "input_file_id": body["input_file_id"], "completion_window": body["completion_window"],
+        "status": "validating", "output_file_id": None, "error_file_id": None, "created_at": int(time.time()),
+        "request_counts": {"total": total, "completed": 0, "failed": 0}, "metadata": body.get("metadata"),
+        "polls": 0,
+    }
+    return {k: v for k, v in server.batches[batch_id].items() if k != "polls"}
+
+
+def _poll_batch(server: TeacherServer, batch_id: str) -> dict:
+    """The batch after one more retrieval: in progress until `batch_polls`, then ended."""
+    batch = server.batches[batch_id]
+    if batch["status"] in ("validating", "in_progress"):
+        batch["polls"] += 1
+        counts = batch["request_counts"]
+        if batch["polls"] < server.batch_polls:
+            batch["status"] = "in_progress"
+            counts["completed"] = counts["total"] * batch["polls"] // server.batch_polls
+        else:
+            number = int(batch_id.removeprefix("batch-"))
+            outcome = server.batch_outcomes[number - 1] if number <= len(server.batch_outcomes) else "completed"
+            _end_batch(server, batch, outcome)
+    return {k: v for k, v in batch.items() if k != "polls"}
+
+
+def _end_batch(server: TeacherServer, batch: dict, outcome: str) -> None:
+    """Answers the batch's requests (the first half only when it expires) and writes its files."""
+    now = int(time.time())
+    if outcome == "failed":
+        batch.update(status="failed", failed_at=now, errors={"object": "list", "data": [
+            {"code": "invalid_request", "message": "scripted failure", "line": 1, "param": None}]})
+        return
+    lines = [json.loads(line) for line in server.files[batch["input_file_id"]].splitlines()]
+    finished = lines if outcome == "completed" else lines[: len(lines) // 2]
+    output = [{"id": f"batch_req_{i}", "custom_id": line["custom_id"], "error": None,
+               "response": {"status_code": 200, "request_id": f"req_{i}",
+                            "body": _completion(line["body"], server.responder(line["body"]), i)}}
+              for i, line in enumerate(finished)]
+    errors = [{"id": f"batch_req_{len(finished) + i}", "custom_id": line["custom_id"], "response": None,
+               "error": {"code": "batch_expired", "message": "not finished within the completion window"}}
+              for i, line in enumerate(lines[len(finished):])]
+    for name, rows in (("output_file_id", output), ("error_file_id", errors)):
+        if rows:
+            file_id = f"file-{len(server.files) + 1}"
+            server.files[file_id] = "".join(json.dumps(row) + "\n" for row in rows).encode()
+            batch[name] = file_id
+    batch["request_counts"].update(completed=len(output), failed=len(errors))
+    batch.update(status=outcome, **{f"{outcome}_at": now})

@@ -21,7 +21,7 @@ from typing import Any, Callable, Generic, Sequence, TypeVar
 
 from stat_exp.config import TeacherConfig
 from stat_exp.store import IncompleteArtifact
-from stat_exp.teacher import oracle
+from stat_exp.teacher import batch, oracle
 from stat_exp.teacher.parsers import ParseError
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,8 @@ class Teacher:
         self._litellm = litellm
         self._slots = asyncio.Semaphore(self.cfg.concurrency)
         self._next_start = time.monotonic()
+        # Batch mode: the Batch API answers the first attempts the cache lacks; the rest is online.
+        self._batched = await batch.answer_uncached(self, requests) if self.cfg.batch else {}
         replies: list = [None] * len(requests)
         with tqdm(total=len(requests), desc=desc, unit="req") as bar:
 
@@ -202,8 +204,8 @@ class Teacher:
         self.unparsed_answers.append(raw or "")
         return Reply(request, None, raw, error, attempt + 1)
 
-    async def _complete(self, request: Request, attempt: int) -> dict | None:
-        """The answer to `request` at `attempt`: from the cache, or from the provider."""
+    def _keyed(self, request: Request, attempt: int) -> tuple[str, dict]:
+        """The cache key and sampling parameters of `request` at `attempt`."""
         sampling = self.cfg.sampling.get(request.kind)
         if sampling is None:
             raise KeyError(f"no teacher.sampling entry for prompt kind {request.kind!r}")
@@ -211,7 +213,13 @@ class Teacher:
         if attempt > 0:
             temperature = max(temperature, self.cfg.parse_retry_temperature)
         params = {"temperature": temperature, "max_tokens": sampling.max_tokens}
-        key = _cache_key(self._cache_model, request, params, attempt)
+        return _cache_key(self._cache_model, request, params, attempt), params
+
+    async def _complete(self, request: Request, attempt: int) -> dict | None:
+        """The answer to `request` at `attempt`: from this run's batches, the cache, or the provider."""
+        key, params = self._keyed(request, attempt)
+        if key in self._batched:  # paid for and counted when the batch was fetched
+            return self._batched.pop(key)
         cached = self.cache.get(key)
         if cached is not None:
             self.usage.cache_hits += 1
