@@ -7,7 +7,7 @@ import pytest
 from stat_exp.store import Store, write_jsonl
 
 
-def make(store, calls, config=None, inputs=None, version="1", fail=False):
+def make(store, calls, config=None, inputs=None, code=None, fail=False):
     def compute(out):
         calls.append(out)
         write_jsonl(out / "rows.jsonl", [{"x": 1}, {"x": 2}])
@@ -15,7 +15,8 @@ def make(store, calls, config=None, inputs=None, version="1", fail=False):
             raise KeyboardInterrupt  # a run killed halfway through the stage
         return {"n": 2}
 
-    return store.stage("demo", config=config or {"a": 1}, inputs=inputs or {}, version=version, compute=compute)
+    return store.stage("demo", config=config or {"a": 1}, inputs=inputs or {}, code=code or {"demo.py": "1"},
+                       compute=compute)
 
 
 def test_computes_once_then_reuses(tmp_path):
@@ -30,22 +31,25 @@ def test_computes_once_then_reuses(tmp_path):
     assert manifest["config"] == {"a": 1} and manifest["stage"] == "demo"
 
 
-@pytest.mark.parametrize("change", [{"config": {"a": 2}}, {"inputs": {"up": "k2"}}, {"version": "2"}])
-def test_key_changes_with_config_inputs_and_version(tmp_path, change):
+@pytest.mark.parametrize("change", [{"config": {"a": 2}}, {"inputs": {"up": "k2"}}, {"code": {"demo.py": "2"}}])
+def test_key_changes_with_config_inputs_and_code(tmp_path, change):
     store, calls = Store(tmp_path), []
     base = make(store, calls, inputs={"up": "k1"})
     other = make(store, calls, **({"inputs": {"up": "k1"}} | change))
     assert base.key != other.key and len(calls) == 2
 
 
-def test_interrupted_stage_leaves_nothing_trusted(tmp_path):
+def test_interrupted_stage_leaves_nothing_trusted_and_its_folder_for_the_rerun(tmp_path):
     store, calls = Store(tmp_path), []
     with pytest.raises(KeyboardInterrupt):
         make(store, calls, fail=True)
-    assert list((tmp_path / "demo").iterdir()) == []  # no partial folder, no manifest
-    artifact = make(store, calls)  # the rerun computes from scratch
-    assert len(calls) == 2 and artifact.rows() == [{"x": 1}, {"x": 2}]
-    assert store.events[-1].status == "computed"
+    key = store.key("demo", {"a": 1}, {}, {"demo.py": "1"})
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == [f".tmp-{key}"]
+    assert not (tmp_path / "demo" / f".tmp-{key}" / "manifest.json").exists()
+    artifact = make(store, calls)  # the rerun computes again, in the same folder (checkpoints would be there)
+    assert calls[0] == calls[1] == tmp_path / "demo" / f".tmp-{key}"
+    assert artifact.rows() == [{"x": 1}, {"x": 2}] and store.events[-1].status == "computed"
+    assert not calls[0].exists() and artifact.path == tmp_path / "demo" / key
 
 
 def test_folder_without_manifest_is_not_trusted(tmp_path):
