@@ -1,6 +1,8 @@
 """The artifact store: keys, reuse, and atomic writes."""
 
 import json
+import threading
+import time
 
 import pytest
 
@@ -60,3 +62,48 @@ def test_folder_without_manifest_is_not_trusted(tmp_path):
     again = make(store, calls)
     assert len(calls) == 2 and again.path == artifact.path
     assert again.rows() == [{"x": 1}, {"x": 2}]
+
+
+def test_a_recompute_says_which_code_changed(tmp_path):
+    store, calls = Store(tmp_path), []
+    make(store, calls, code={"demo.py": "1", "helper.py": "1", "other.py": "1"})
+    make(store, calls, code={"demo.py": "1", "helper.py": "2", "other.py": "1"})
+    make(store, calls, config={"a": 2}, code={"demo.py": "1", "helper.py": "3", "other.py": "1"})
+    assert [(e.status, e.reason) for e in store.events] == [
+        ("computed", None), ("computed", "code changed in helper.py"), ("computed", None)]  # a new config: no claim
+    manifest = json.loads((tmp_path / "demo" / store.events[1].key / "manifest.json").read_text())
+    assert manifest["code"] == {"demo.py": "1", "helper.py": "2", "other.py": "1"}
+
+
+def test_each_use_is_recorded_with_its_run_folder(tmp_path):
+    first = Store(tmp_path / "cache", run_dir=tmp_path / "run1")
+    second = Store(tmp_path / "cache", run_dir=tmp_path / "run2")
+    artifact = make(first, [])
+    make(second, [])
+    uses = [json.loads(line) for line in (artifact.path / "uses.jsonl").read_text().splitlines()]
+    assert [u["run"] for u in uses] == [str(tmp_path / "run1"), str(tmp_path / "run2")]
+    assert all(abs(u["time"] - time.time()) < 60 for u in uses)
+
+
+def test_a_second_process_waits_for_the_build_then_reuses_it(tmp_path):
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def slow(out):
+        calls.append(out)
+        started.set()
+        assert release.wait(10)
+        write_jsonl(out / "rows.jsonl", [{"x": 1}])
+        return {}
+
+    first, second = Store(tmp_path), Store(tmp_path)  # separate lock descriptors, as two processes have
+    builder = threading.Thread(target=first.stage, args=("demo",), kwargs=dict(config={}, code={}, compute=slow))
+    builder.start()
+    assert started.wait(10)
+    waiter = threading.Thread(target=second.stage, args=("demo",), kwargs=dict(config={}, code={}, compute=slow))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()  # blocked on the build lock, not building a second copy
+    release.set()
+    builder.join(10)
+    waiter.join(10)
+    assert len(calls) == 1 and [e.status for e in second.events] == ["reused"]
