@@ -100,7 +100,11 @@ class Removal:
     reason: str
     part: Path | None = None  # only this folder of the artifact (its merged weights)
     size: int = 0
-    removed: bool = False  # False: kept because a live run holds it (then `reason` says so)
+    removed: bool = False  # False on a dry run, or when kept after all (then `reason` says why)
+
+    @property
+    def kept(self) -> bool:
+        return self.reason.startswith("kept:")
 
 
 def gc(root: Path, *, older_than: float | None = None, merged: bool = False, dry_run: bool = False,
@@ -172,11 +176,14 @@ def _remove(removal: Removal, older_than: float | None, now: float, dry_run: boo
 
 
 def human_size(size: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    """Decimal units, as disks are sold: 6.4 GB."""
+    if size < 1000:
+        return f"{size:.0f} B"
+    for unit in ("kB", "MB", "GB"):
         size /= 1000
-    raise AssertionError("unreachable")
+        if size < 1000:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1000:.1f} TB"
 
 
 def _when(epoch: float | None) -> str:
@@ -228,13 +235,12 @@ def _cmd_gc(args: argparse.Namespace) -> None:
     verb = "would remove" if args.dry_run else "removed"
     rows = [["", "stage", "folder", "size", "why"]]
     for r in plan:
-        kept = r.reason.startswith("kept")
         name = r.entry.path.name + (f"/{r.part.name}" if r.part else "")
-        rows.append(["kept" if kept else verb, r.entry.stage, name, human_size(r.size), r.reason])
+        rows.append(["kept" if r.kept else verb, r.entry.stage, name, human_size(r.size), r.reason])
     if len(rows) > 1:
         print(_table(rows))
-    freed = sum(r.size for r in plan if not r.reason.startswith("kept"))
-    print(f"{verb} {sum(not r.reason.startswith('kept') for r in plan)} folders, {human_size(freed)}")
+    gone = [r for r in plan if not r.kept]
+    print(f"{verb} {len(gone)} folders, {human_size(sum(r.size for r in gone))}")
 
 
 def _short(run: str) -> str:

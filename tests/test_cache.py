@@ -211,7 +211,7 @@ def test_gc_racing_a_running_stage_leaves_both_intact(tmp_path):
 
     plan = cache.gc(root)
     assert sorted(r.reason for r in plan) == ["kept: being built by a live run", "kept: in use by a live run"]
-    assert not any(r.removed for r in plan)
+    assert all(r.kept and not r.removed for r in plan)
     assert used.rows() == [{"x": 1}] and len(list((root / "demo").glob(".tmp-*"))) == 1
     release.set()
     builder.join(10)
@@ -248,6 +248,12 @@ def test_gc_merged_weights_and_older_than(tmp_path):
     assert old.reason == "last used 2h ago" and not old.removed and artifact.path.exists()
     (old,) = cache.gc(root, older_than=3600, now=time.time() + 2 * 3600)
     assert old.removed and not artifact.path.exists() and not list(root.glob("sft/.trash-*"))
+
+
+@pytest.mark.parametrize("size, text", [(999, "999 B"), (51_234, "51.2 kB"), (6_425_000_000, "6.4 GB"),
+                                        (97_000_000_000_000, "97.0 TB")])
+def test_sizes(size, text):
+    assert cache.human_size(size) == text
 
 
 @pytest.mark.parametrize("text, seconds", [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400), ("45s", 45),
