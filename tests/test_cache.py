@@ -305,3 +305,29 @@ def test_lora_keeps_only_the_adapter_without_save_merged_and_generates_from_it(t
     merged = ensure_merged(tmp_path, str(tiny_model_dir), model_cfg)  # what vLLM or GRPO would ask for later
     assert merged == tmp_path / "model" and not list(tmp_path.glob(".model-*"))
     assert torch.allclose(load_model(str(merged), dtype="float32", device="cpu")(ids).logits, adapted, atol=1e-5)
+
+
+def test_the_pipeline_keeps_the_adapter_only_until_vllm_or_grpo_needs_merged_weights(tiny_model_dir, tmp_path):
+    from stat_exp.tracking import Tracker
+
+    cfg = compose_config(*SMALL, "sft=lora", "sft.max_steps=1", "sft.per_device_batch_size=2",
+                         "sft.bf16=false", "model.dtype=float32")
+    store = Store(tmp_path / "cache")
+
+    def pairs(out: Path) -> dict:
+        write_jsonl(out / "rows.jsonl", [{"question": f"What is {a}+1?", "answer": str(a + 1)} for a in range(4)])
+        return {}
+
+    data = store.stage("data", config={}, code={}, compute=pairs)
+    base = pipeline.Student(str(tiny_model_dir), "base")
+    tracker = Tracker(cfg, tmp_path / "run")
+
+    student = pipeline.finetune(cfg, store, tracker, base, data, label="sft1")  # hf generation, no GRPO
+    artifact = Path(student.path).parent
+    assert student.path == str(artifact / "adapter") and not (artifact / "model").exists()
+
+    cfg.generator.backend = "vllm"  # a later run generates with vLLM: same artifact, merged now
+    student = pipeline.finetune(cfg, store, tracker, base, data, label="sft1")
+    assert [e.status for e in store.events[1:]] == ["computed", "reused"]
+    assert student.path == str(artifact / "model") and (artifact / "model" / "config.json").exists()
+    store.close()
