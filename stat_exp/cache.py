@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stat_exp.config import PathsConfig
-from stat_exp.store import LOCKS, MANIFEST, TMP_PREFIX, TRASH_PREFIX, USES, acquire, lock_path, read_jsonl
+from stat_exp.store import MANIFEST, TMP_PREFIX, TRASH_PREFIX, USES, acquire, lock_path, read_jsonl
 
 DEFAULT_ROOT = PathsConfig().cache_dir  # the pipeline's default paths.cache_dir
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -60,7 +60,7 @@ class Entry:
 def scan(root: Path) -> list[Entry]:
     """Every artifact, unfinished build and trash folder under `root`, by stage then creation time."""
     entries = []
-    for stage_dir in sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name != LOCKS):
+    for stage_dir in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):  # .locks
         for path in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
             if path.name.startswith(TMP_PREFIX):
                 entries.append(Entry(stage_dir.name, path.name[len(TMP_PREFIX):], path, "tmp", folder_size(path)))
