@@ -262,6 +262,7 @@ class SFTConfig:
     logging_steps: int = 10
     seed: int = 0
     num_processes: Optional[int] = None  # set: train in N processes (one per GPU) under `accelerate launch`
+    save_merged: Optional[bool] = None  # LoRA: save merged weights too; null: if vllm/rl load them (else on demand)
 
 
 @dataclass

@@ -12,8 +12,6 @@ from typing import Sequence
 from stat_exp.config import EvalConfig, GeneratorConfig, ModelConfig
 from stat_exp.store import write_jsonl
 
-VERSION = "1"
-
 
 def answer_questions(
     rows: Sequence[dict],

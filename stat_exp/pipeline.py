@@ -18,21 +18,13 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from stat_exp import evaluate as evaluation
+from stat_exp.code_fingerprint import digest, module_code, stage_code
 from stat_exp.store import Artifact, Store, hash_key, write_jsonl
 from stat_exp.tasks import fingerprint, load_benchmark, load_train_val
 from stat_exp.tracking import Tracker, resolved_config
 
 log = logging.getLogger(__name__)
 
-TINY_MODEL_VERSION = "1"
-PRETRAIN_VERSION = "1"
-SKILLS_VERSION = "1"
-PROBE_VERSION = "1"
-DIFFICULTY_VERSION = "1"
-PROFILE_VERSION = "1"
-DATA_VERSION = "1"
-SFT_VERSION = "1"
-RL_VERSION = "1"
 DIAGNOSED_VARIANTS = ("sel", "syn")  # built from the Missing-Skill-Profile
 PROBED_VARIANTS = ("sel", "syn", "embed_sel", "embed_syn")  # built from the difficult questions
 
@@ -59,7 +51,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
-    store = Store(Path(to_absolute_path(cfg.paths.cache_dir)))
+    store = Store(Path(to_absolute_path(cfg.paths.cache_dir)), run_dir=run_dir)
     tracker = Tracker(cfg, run_dir)
     try:
         _check(cfg)
@@ -99,11 +91,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         tracker.stopped = True
         raise
     finally:
+        store.close()
         tracker.metrics["stages"] = [vars(e) for e in store.events]
         tracker.metrics["cache_dir"] = str(store.root)  # where `python -m stat_exp.export` finds them
         tracker.log({f"cache/{status}": sum(e.status == status for e in store.events) for status in ("computed", "reused")})
         metrics_path = tracker.finish()
     log.info("stages: %s", ", ".join(f"{e.stage} {e.status}" for e in store.events))
+    for e in store.events:
+        if e.reason:
+            log.info("recomputed %s %s: %s", e.stage, e.key, e.reason)
     log.info("metrics written to %s", metrics_path)
     return tracker.metrics
 
@@ -129,7 +125,7 @@ def base_student(cfg: DictConfig, store: Store, tracker: Tracker, train: list[di
         "model",
         config=OmegaConf.to_container(model_cfg.tiny),
         inputs={"corpus": fingerprint([{"text": t} for t in corpus])},
-        version=TINY_MODEL_VERSION,
+        code=stage_code("model"),
         compute=compute,
     )
     student = Student(str(artifact.path), artifact.key)
@@ -149,7 +145,7 @@ def pretrained(cfg: DictConfig, store: Store, tracker: Tracker, student: Student
         "pretrain",
         config={"pretrain": OmegaConf.to_container(cfg.model.pretrain), "prompt": list(prompt.values())},
         inputs={"model": student.key, "data": fingerprint(rows)},
-        version=PRETRAIN_VERSION,
+        code=stage_code("pretrain"),
         compute=lambda out: pretrain(Path(student.path), rows, cfg.model.pretrain, out, device=cfg.generator.device,
                                      **prompt),
     )
@@ -169,7 +165,7 @@ def skill_catalogue(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Ca
         return store.stage(
             "skills",
             config={"file": str(path), "sha256": _file_hash(path)},
-            version=SKILLS_VERSION,
+            code=stage_code("skills"),
             compute=lambda out: _save_catalogue(out, catalogue, []),
         )
     _require_teacher(cfg, "build the skill catalogue (or set task.skills.catalogue_file)")
@@ -183,7 +179,7 @@ def skill_catalogue(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Ca
         "skills",
         config={"teacher": _teacher_identity(cfg, kinds), "skills": OmegaConf.to_container(spec), "seed": cfg.seed},
         inputs={"train": fingerprint(train)},
-        version=SKILLS_VERSION,
+        code=stage_code("skills"),
         compute=compute,
         incomplete=_catalogue_incomplete,
     )
@@ -222,7 +218,7 @@ def skill_map(
         "skill_map",
         config=config,
         inputs={"train": fingerprint(train), "catalogue": catalogue.key},
-        version=SKILLS_VERSION,
+        code=stage_code("skill_map"),
         compute=compute,
         incomplete=_map_incomplete,
     )
@@ -272,7 +268,7 @@ def probe(cfg: DictConfig, store: Store, student: Student, val: list[dict]) -> d
                     "generator": OmegaConf.to_container(cfg.generator),
                     "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
             inputs={"model": student.key, "data": fingerprint(rows)},
-            version=PROBE_VERSION,
+            code=stage_code("probe"),
             compute=compute,
         )
     return artifacts
@@ -300,7 +296,7 @@ def difficulty(cfg: DictConfig, store: Store, tracker: Tracker, probes: dict[str
         "difficulty",
         config=OmegaConf.to_container(d),
         inputs={split: a.key for split, a in probes.items()},
-        version=DIFFICULTY_VERSION,
+        code=stage_code("difficulty"),
         compute=compute,
     )
     for split, numbers in artifact.summary.items():
@@ -333,7 +329,7 @@ def profile(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Callable, 
         config={"teacher": _teacher_identity(cfg, ("diagnosis",)),
                 "sees_reference": cfg.teacher.diagnosis_sees_reference},
         inputs={"probe": probe_val.key, "difficulty": verdicts.key, "catalogue": catalogue.key},
-        version=PROFILE_VERSION,
+        code=stage_code("profile"),
         compute=compute,
         incomplete=_profile_incomplete,
     )
@@ -390,7 +386,7 @@ def training_data(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Call
         config={"variant": OmegaConf.to_container(v), "data": OmegaConf.to_container(cfg.data),
                 "teacher": _teacher_identity(cfg, ("rewrite", "synthesis", "solution")) if asks_teacher else None},
         inputs=upstream,
-        version=DATA_VERSION,
+        code=stage_code("data"),
         compute=compute,
         incomplete=_teacher_incomplete,
     )
@@ -414,27 +410,40 @@ def training_data(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Call
 
 def finetune(cfg: DictConfig, store: Store, tracker: Tracker, student: Student, data: Artifact, *,
              label: str) -> Student:
-    """STAT step 7: supervised fine-tuning on the variant's data (TRL SFTTrainer)."""
-    from stat_exp.student.sft import launch_sft, train_sft
+    """STAT step 7: supervised fine-tuning on the variant's data (TRL SFTTrainer).
+
+    A LoRA student is its adapter (transformers loads base plus adapter) unless a later stage
+    needs plain full weights: vLLM generation and GRPO load a merged checkpoint.
+    """
+    from stat_exp.student.sft import ensure_merged, launch_sft, train_sft
+
+    needs_merged = cfg.generator.backend == "vllm" or cfg.rl is not None
+    sft_cfg = OmegaConf.merge(cfg.sft, {"save_merged": needs_merged if cfg.sft.save_merged is None
+                                        else cfg.sft.save_merged})
 
     def compute(out: Path) -> dict:
         rows = [{"question": p["question"], "answer": p["answer"]} for p in data.rows()]
-        if cfg.sft.num_processes:  # several GPUs: this stage alone runs under `accelerate launch`
-            return launch_sft(student.path, rows, cfg.sft, out, model_cfg=cfg.model)
-        return train_sft(student.path, rows, cfg.sft, out, model_cfg=cfg.model, report_to=tracker.report_to)
+        if sft_cfg.num_processes:  # several GPUs: this stage alone runs under `accelerate launch`
+            return launch_sft(student.path, rows, sft_cfg, out, model_cfg=cfg.model)
+        return train_sft(student.path, rows, sft_cfg, out, model_cfg=cfg.model, report_to=tracker.report_to)
 
     artifact = store.stage(
         "sft",
-        config={"sft": {k: v for k, v in OmegaConf.to_container(cfg.sft).items() if k != "num_processes"},
+        # Neither how many processes train nor whether merged weights are kept changes the model.
+        config={"sft": {k: v for k, v in OmegaConf.to_container(cfg.sft).items()
+                        if k not in ("num_processes", "save_merged")},
                 "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
         inputs={"model": student.key, "data": data.key},
-        version=SFT_VERSION,
+        code=stage_code("sft"),
         compute=compute,
     )
     tracker.link(data, "dataset", produced=False)  # what it was trained on
     tracker.link(artifact, "model", produced=_computed(store, artifact))
     tracker.log({f"train/{label}/{k}": v for k, v in artifact.summary.items() if isinstance(v, (int, float))})
-    return Student(str(artifact.path / "model"), artifact.key)
+    model = artifact.path / "model"
+    if cfg.sft.lora and needs_merged:  # kept adapter-only (sft.save_merged=false, or `cache gc --merged-weights`)
+        model = ensure_merged(artifact.path, student.path, cfg.model)
+    return Student(str(model if model.exists() else artifact.path / "adapter"), artifact.key)
 
 
 def reinforce(cfg: DictConfig, store: Store, tracker: Tracker, student: Student, train: list[dict]) -> Student:
@@ -450,7 +459,7 @@ def reinforce(cfg: DictConfig, store: Store, tracker: Tracker, student: Student,
         "rl",
         config={"rl": OmegaConf.to_container(cfg.rl), "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
         inputs={"model": student.key, "train": fingerprint(train)},
-        version=RL_VERSION,
+        code=stage_code("rl"),
         compute=compute,
     )
     tracker.log({f"train/rl/{k}": v for k, v in artifact.summary.items() if isinstance(v, (int, float))})
@@ -471,7 +480,7 @@ def evaluate_student(cfg: DictConfig, store: Store, tracker: Tracker, student: S
                 "prompt": [cfg.model.instruction, cfg.model.system_prompt],
             },
             inputs={"model": student.key, "data": fingerprint(rows)},
-            version=evaluation.VERSION,
+            code=stage_code("eval"),
             compute=lambda out, rows=rows: evaluation.evaluate(
                 rows, out, cfg=cfg.eval, gen_cfg=cfg.generator, model_cfg=cfg.model, model_path=student.path
             ),
@@ -651,7 +660,7 @@ def _teacher_identity(cfg: DictConfig, kinds: tuple[str, ...]) -> dict:
                       "template": hashlib.sha256(template_source(k).encode()).hexdigest()[:12]} for k in kinds},
     }
     if oracle.serves(t.model):  # skillworld's teacher: its answers are its code's, in its world's numbers
-        identity["oracle"] = {"version": oracle.VERSION, "world": OmegaConf.to_container(cfg.task.world)}
+        identity["oracle"] = {"code": digest(module_code(oracle.__name__)), "world": OmegaConf.to_container(cfg.task.world)}
     return identity
 
 

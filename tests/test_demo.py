@@ -27,13 +27,12 @@ def test_demo_composes_to_the_three_variants_on_skillworld() -> None:
     assert cfg.sft.name == "lora" and cfg.sft.lora and not cfg.sft.load_in_4bit
 
 
-def test_the_oracles_stages_key_on_its_version_and_world(monkeypatch) -> None:
+def test_the_oracles_stages_key_on_its_code_and_world(monkeypatch) -> None:
     from stat_exp import pipeline
-    from stat_exp.teacher import oracle
 
     cfg = compose_config("experiment=demo")
     identity = pipeline._teacher_identity(cfg, ("diagnosis",))
-    monkeypatch.setattr(oracle, "VERSION", oracle.VERSION + "-changed")
+    monkeypatch.setattr(pipeline, "module_code", lambda module: {"stat_exp/teacher/oracle.py": "edited"})
     assert pipeline._teacher_identity(cfg, ("diagnosis",)) != identity
     monkeypatch.undo()
     cfg.task.world.max_operand = 9

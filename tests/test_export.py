@@ -34,8 +34,8 @@ def run_dir(tmp_path):
         return {"budget": 5, "pairs": 5, "unique_questions": 5, "origins": {"reference": 5}}
 
     store = Store(tmp_path / "cache")
-    profile = store.stage("profile", config={}, version="1", compute=diagnoses)
-    data = store.stage("data", config={}, inputs={"profile": profile.key}, version="1", compute=pairs)
+    profile = store.stage("profile", config={}, code={}, compute=diagnoses)
+    data = store.stage("data", config={}, inputs={"profile": profile.key}, code={}, compute=pairs)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({

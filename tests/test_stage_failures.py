@@ -77,7 +77,8 @@ def test_a_rejected_key_stores_nothing(tmp_path, task_dir):
     with TeacherServer(label, refuse=lambda body: 401) as server:
         with pytest.raises(Exception, match="401|[Aa]uthentication"):
             run(compose_config(*overrides(tmp_path, task_dir, server)), tmp_path / "run")
-    assert stored(tmp_path, "skill_map") == [] and not list((tmp_path / "cache" / "skill_map").glob(".tmp-*"))
+    assert stored(tmp_path, "skill_map") == []
+    assert not list((tmp_path / "cache" / "skill_map").glob("*/manifest.json"))  # no unfinished folder is trusted
 
 
 def test_a_partial_outage_stores_nothing_and_the_rerun_sends_only_the_failed_requests(tmp_path, task_dir):
@@ -145,20 +146,20 @@ def test_an_empty_output_is_refused_and_an_incomplete_stored_one_recomputed(tmp_
         return {"skills": 3, "teacher": {"failed": failed}}
 
     with pytest.raises(IncompleteArtifact, match="stage skills: no skills; nothing was stored"):
-        store.stage("skills", config={}, version="1", compute=lambda out: {"skills": 0},
+        store.stage("skills", config={}, code={}, compute=lambda out: {"skills": 0},
                     incomplete=lambda s: None if s["skills"] else "no skills")
-    assert not any((tmp_path / "skills").iterdir())
+    assert not list((tmp_path / "skills").glob("*/manifest.json"))
 
     # What older code stored: an artifact whose manifest records failed requests.
-    old = store.stage("skills", config={}, version="1", compute=lambda out: compute(out, 7))
+    old = store.stage("skills", config={}, code={}, compute=lambda out: compute(out, 7))
     assert old.summary["teacher"]["failed"] == 7
     caplog.set_level(logging.WARNING)
-    new = store.stage("skills", config={}, version="1", compute=lambda out: compute(out, 0),
+    new = store.stage("skills", config={}, code={}, compute=lambda out: compute(out, 0),
                       incomplete=_teacher_incomplete)
     assert len(calls) == 2 and new.summary["teacher"]["failed"] == 0 and new.key == old.key
     assert "the stored artifact is incomplete (7 of its teacher requests failed); computing it again" in caplog.text
     assert [e.status for e in store.events] == ["computed", "computed"]
-    again = store.stage("skills", config={}, version="1", compute=lambda out: compute(out, 0),
+    again = store.stage("skills", config={}, code={}, compute=lambda out: compute(out, 0),
                         incomplete=_teacher_incomplete)
     assert len(calls) == 2 and again.path == new.path
 

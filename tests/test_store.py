@@ -1,13 +1,15 @@
 """The artifact store: keys, reuse, and atomic writes."""
 
 import json
+import threading
+import time
 
 import pytest
 
 from stat_exp.store import Store, write_jsonl
 
 
-def make(store, calls, config=None, inputs=None, version="1", fail=False):
+def make(store, calls, config=None, inputs=None, code=None, fail=False):
     def compute(out):
         calls.append(out)
         write_jsonl(out / "rows.jsonl", [{"x": 1}, {"x": 2}])
@@ -15,7 +17,8 @@ def make(store, calls, config=None, inputs=None, version="1", fail=False):
             raise KeyboardInterrupt  # a run killed halfway through the stage
         return {"n": 2}
 
-    return store.stage("demo", config=config or {"a": 1}, inputs=inputs or {}, version=version, compute=compute)
+    return store.stage("demo", config=config or {"a": 1}, inputs=inputs or {}, code=code or {"demo.py": "1"},
+                       compute=compute)
 
 
 def test_computes_once_then_reuses(tmp_path):
@@ -30,22 +33,25 @@ def test_computes_once_then_reuses(tmp_path):
     assert manifest["config"] == {"a": 1} and manifest["stage"] == "demo"
 
 
-@pytest.mark.parametrize("change", [{"config": {"a": 2}}, {"inputs": {"up": "k2"}}, {"version": "2"}])
-def test_key_changes_with_config_inputs_and_version(tmp_path, change):
+@pytest.mark.parametrize("change", [{"config": {"a": 2}}, {"inputs": {"up": "k2"}}, {"code": {"demo.py": "2"}}])
+def test_key_changes_with_config_inputs_and_code(tmp_path, change):
     store, calls = Store(tmp_path), []
     base = make(store, calls, inputs={"up": "k1"})
     other = make(store, calls, **({"inputs": {"up": "k1"}} | change))
     assert base.key != other.key and len(calls) == 2
 
 
-def test_interrupted_stage_leaves_nothing_trusted(tmp_path):
+def test_interrupted_stage_leaves_nothing_trusted_and_its_folder_for_the_rerun(tmp_path):
     store, calls = Store(tmp_path), []
     with pytest.raises(KeyboardInterrupt):
         make(store, calls, fail=True)
-    assert list((tmp_path / "demo").iterdir()) == []  # no partial folder, no manifest
-    artifact = make(store, calls)  # the rerun computes from scratch
-    assert len(calls) == 2 and artifact.rows() == [{"x": 1}, {"x": 2}]
-    assert store.events[-1].status == "computed"
+    key = store.key("demo", {"a": 1}, {}, {"demo.py": "1"})
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == [f".tmp-{key}"]
+    assert not (tmp_path / "demo" / f".tmp-{key}" / "manifest.json").exists()
+    artifact = make(store, calls)  # the rerun computes again, in the same folder (checkpoints would be there)
+    assert calls[0] == calls[1] == tmp_path / "demo" / f".tmp-{key}"
+    assert artifact.rows() == [{"x": 1}, {"x": 2}] and store.events[-1].status == "computed"
+    assert not calls[0].exists() and artifact.path == tmp_path / "demo" / key
 
 
 def test_folder_without_manifest_is_not_trusted(tmp_path):
@@ -56,3 +62,48 @@ def test_folder_without_manifest_is_not_trusted(tmp_path):
     again = make(store, calls)
     assert len(calls) == 2 and again.path == artifact.path
     assert again.rows() == [{"x": 1}, {"x": 2}]
+
+
+def test_a_recompute_says_which_code_changed(tmp_path):
+    store, calls = Store(tmp_path), []
+    make(store, calls, code={"demo.py": "1", "helper.py": "1", "other.py": "1"})
+    make(store, calls, code={"demo.py": "1", "helper.py": "2", "other.py": "1"})
+    make(store, calls, config={"a": 2}, code={"demo.py": "1", "helper.py": "3", "other.py": "1"})
+    assert [(e.status, e.reason) for e in store.events] == [
+        ("computed", None), ("computed", "code changed in helper.py"), ("computed", None)]  # a new config: no claim
+    manifest = json.loads((tmp_path / "demo" / store.events[1].key / "manifest.json").read_text())
+    assert manifest["code"] == {"demo.py": "1", "helper.py": "2", "other.py": "1"}
+
+
+def test_each_use_is_recorded_with_its_run_folder(tmp_path):
+    first = Store(tmp_path / "cache", run_dir=tmp_path / "run1")
+    second = Store(tmp_path / "cache", run_dir=tmp_path / "run2")
+    artifact = make(first, [])
+    make(second, [])
+    uses = [json.loads(line) for line in (artifact.path / "uses.jsonl").read_text().splitlines()]
+    assert [u["run"] for u in uses] == [str(tmp_path / "run1"), str(tmp_path / "run2")]
+    assert all(abs(u["time"] - time.time()) < 60 for u in uses)
+
+
+def test_a_second_process_waits_for_the_build_then_reuses_it(tmp_path):
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def slow(out):
+        calls.append(out)
+        started.set()
+        assert release.wait(10)
+        write_jsonl(out / "rows.jsonl", [{"x": 1}])
+        return {}
+
+    first, second = Store(tmp_path), Store(tmp_path)  # separate lock descriptors, as two processes have
+    builder = threading.Thread(target=first.stage, args=("demo",), kwargs=dict(config={}, code={}, compute=slow))
+    builder.start()
+    assert started.wait(10)
+    waiter = threading.Thread(target=second.stage, args=("demo",), kwargs=dict(config={}, code={}, compute=slow))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()  # blocked on the build lock, not building a second copy
+    release.set()
+    builder.join(10)
+    waiter.join(10)
+    assert len(calls) == 1 and [e.status for e in second.events] == ["reused"]

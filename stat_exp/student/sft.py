@@ -1,8 +1,9 @@
 """Supervised fine-tuning of the student (STAT step 7) with TRL's SFTTrainer, LoRA or QLoRA through peft.
 
 The paper trains QLoRA adapters (`conf/sft/qlora.yaml`); where no GPU is visible the same
-config trains on the CPU (see `device_settings`). Whatever the method, `out_dir/model` ends up
-holding plain full weights and the tokenizer, which every generation backend can load.
+config trains on the CPU (see `device_settings`). Full fine-tuning writes `out_dir/model`; LoRA
+writes `out_dir/adapter` (with the tokenizer: transformers loads it as base plus adapter) and,
+with `save_merged`, also `out_dir/model`, the plain full weights that vLLM and GRPO need.
 torch, transformers, trl and peft are imported inside functions so that the CLI starts fast.
 """
 
@@ -93,8 +94,8 @@ def train_sft(
 ) -> dict:
     """Fine-tunes `model_path` on `rows` (`{"question", "answer"}`, the answer a full solution).
 
-    Writes `out_dir/adapter` (LoRA only) and `out_dir/model` (full weights, LoRA merged, and the
-    tokenizer). `report_to` is TRL's: "wandb" logs the training curve into the active W&B run.
+    Writes `out_dir/adapter` (LoRA only) and `out_dir/model` (full weights and the tokenizer; with
+    LoRA only when `cfg.save_merged` is not False). `report_to` is TRL's: "wandb" logs the training curve into the active W&B run.
     Returns the logged losses, the final (last logged) and mean loss, the eval loss (with
     `eval_rows`), steps, seconds, trainable parameters and the device settings used.
     """
@@ -161,7 +162,7 @@ def train_sft(
 
     if cfg.lora:
         trainer.save_model(str(out_dir / "adapter"))
-        if trainer.accelerator.is_main_process:
+        if cfg.save_merged is not False and trainer.accelerator.is_main_process:
             save_merged(model_path, revision, model_cfg.dtype, out_dir / "adapter", out_dir / "model", tokenizer)
     else:
         trainer.save_model(str(out_dir / "model"))
@@ -242,6 +243,32 @@ def save_merged(
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+
+
+def ensure_merged(artifact_dir: Path, base_path: str, model_cfg: ModelConfig) -> Path:
+    """`artifact_dir/model`, merged now from `artifact_dir/adapter` when the artifact was kept without it.
+
+    Built under a temporary name and renamed into place, so a reader never sees half a checkpoint;
+    when another process merged it first, its copy is kept.
+    """
+    import shutil
+    import uuid
+
+    model_dir = artifact_dir / "model"
+    if model_dir.exists():
+        return model_dir
+    adapter_dir = artifact_dir / "adapter"
+    tmp = artifact_dir / f".model-{uuid.uuid4().hex[:8]}"
+    logger.info("merging %s into its base %s for a plain checkpoint", adapter_dir, base_path)
+    save_merged(base_path, model_revision(base_path, model_cfg), model_cfg.dtype, adapter_dir, tmp,
+                load_tokenizer(str(adapter_dir)))
+    try:
+        tmp.rename(model_dir)
+    except OSError:
+        if not model_dir.exists():
+            raise
+        shutil.rmtree(tmp)
+    return model_dir
 
 
 def launch_sft(model_path: str, rows: Sequence[dict], cfg: SFTConfig, out_dir: Path, *, model_cfg: ModelConfig) -> dict:

@@ -17,13 +17,13 @@ import random
 import re
 from typing import Any, Callable
 
+from stat_exp.code_fingerprint import digest, module_code
 from stat_exp.config import WorldConfig
 from stat_exp.grading import extract_boxed, strict_match
 from stat_exp.tasks import skillworld
 from stat_exp.tasks.skillworld import Step
 
 PROVIDER = "oracle"
-VERSION = "3"  # raise when an answer changes: the teacher's cache keys on `fingerprint()`
 
 # A phrase only that kind's template has; diagnosis first, since only it embeds free text
 # (the student's response) that might quote another template.
@@ -67,11 +67,11 @@ def serves(model: str) -> bool:
 
 
 def fingerprint() -> str:
-    """The registered oracle's version and world: what its answers depend on besides the prompt."""
+    """The registered oracle's code and world: what its answers depend on besides the prompt."""
     import litellm
 
     worlds = [entry["custom_handler"].world for entry in litellm.custom_provider_map if entry.get("provider") == PROVIDER]
-    return hashlib.sha256(repr((VERSION, worlds)).encode()).hexdigest()[:16]
+    return hashlib.sha256(repr((digest(module_code(__name__)), worlds)).encode()).hexdigest()[:16]
 
 
 def ensure_registered() -> None:
