@@ -16,7 +16,9 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from stat_exp.pipeline import run
+    from stat_exp.preflight import require
 
+    require(cfg)  # everything this machine lacks, listed before any stage runs
     run(cfg, HydraConfig.get().runtime.output_dir)
 
 

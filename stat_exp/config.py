@@ -23,6 +23,7 @@ class DataSource:
     split: str = "test"  # hub split
     fields: Dict[str, str] = field(default_factory=dict)  # our field -> source field renames
     answer_format: str = "boxed"  # boxed: last \boxed{} of the solution | gsm8k: text after '####'
+    exclude_val: bool = False  # drop the validation questions (by problem text): MATH test minus validation = the paper's 4k MATH
 
 
 @dataclass
@@ -66,8 +67,12 @@ class WorldConfig:
 class TaskConfig:
     name: str = MISSING
     data_dir: Optional[str] = None  # local data root (e.g. ../shared/data); null = Hugging Face hub
-    train: DataSource = field(default_factory=DataSource)  # training pool; validation is carved from it
-    val_size: int = 500  # questions moved from the training pool to the validation split
+    train: DataSource = field(default_factory=DataSource)  # training pool
+    # Validation's own source (the paper: MATH test). Null, or no local path while data_dir is set:
+    # validation is carved from the training pool instead.
+    val: Optional[DataSource] = None
+    val_size: int = 500  # questions moved from the training pool to the validation split (without task.val)
+    val_source_size: int = 1000  # questions drawn from task.val; its rest is a benchmark with exclude_val
     split_seed: int = 0  # seed of the validation split
     benchmarks: Dict[str, DataSource] = field(default_factory=dict)  # evaluation sets by name
     skills: SkillsConfig = field(default_factory=SkillsConfig)
@@ -123,8 +128,17 @@ class GeneratorConfig:
 
 
 @dataclass
+class BenchmarkSampling:
+    """One benchmark's sampling where it differs from eval's own (the paper: AMC23 and AIME at 64 samples, 1.0)."""
+
+    samples: Optional[int] = None  # null: eval.samples
+    temperature: Optional[float] = None  # null: eval.temperature
+
+
+@dataclass
 class EvalConfig:
     benchmarks: List[str] = field(default_factory=lambda: ["math500"])  # names in task.benchmarks
+    per_benchmark: Dict[str, BenchmarkSampling] = field(default_factory=dict)  # benchmark name -> its own sampling
     limit: Optional[int] = None  # evaluate the first N questions of each benchmark
     samples: int = 1  # k: answers per question (avg@k and pass@k when k > 1)
     temperature: float = 0.0  # 0 = greedy
@@ -301,7 +315,7 @@ class StatConfig:
     generator: GeneratorConfig = MISSING
     sft: Optional[SFTConfig] = None
     rl: Optional[RLConfig] = None
-    eval: EvalConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)  # conf/eval/ or a recipe may replace it
     logger: LoggerConfig = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     stat: StatLoopConfig = field(default_factory=StatLoopConfig)
