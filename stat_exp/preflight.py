@@ -142,27 +142,23 @@ def _data(cfg: DictConfig, machine: Machine) -> list[Missing]:
     # Names the task lacks are left to the loader, which lists the task's benchmarks.
     sources |= {name: task.benchmarks[name] for name in [*cfg.eval.benchmarks, test_benchmark] if name in task.benchmarks}
     unreadable = {name: why for name, source in sources.items() if (why := _unreadable(source, task.data_dir, machine))}
-    local = task.data_dir or LOCAL_DATA
-
-    def has_copy(name: str) -> bool:  # under `local`; without task.val, validation is carved from the pool
-        path = sources[name].path or (task.train.path if name == f"{task.name}-val" else None)
-        return path is not None and (Path(local) / path).is_file()
-
-    fixable = [n for n in unreadable if has_copy(n)]
+    # The project's copy fixes what it holds, when no data_dir is chosen (validation is then carved from its pool).
+    local_copy = LOCAL_DATA if task.data_dir is None and is_local(task.train, LOCAL_DATA) else None
+    fixable = [n for n in unreadable if local_copy and (n == f"{task.name}-val" or is_local(sources[n], local_copy))]
     lost = [n for n in unreadable if n not in fixable]
     missing = []
     if fixable:
-        missing.append(Missing(_grouped({n: unreadable[n] for n in fixable}),
-                               f"task.data_dir={local}" if task.data_dir is None else f"copy the files into {local}"))
+        missing.append(Missing(_grouped({n: unreadable[n] for n in fixable}), f"task.data_dir={local_copy}"))
     for name in lost:
         if name not in cfg.eval.benchmarks:
             fix = ("difficulty.test_benchmark=null (no MATH-D)" if name == test_benchmark else
-                   f"task.data_dir=a folder that holds {sources[name].path or 'its rows as JSONL'}")
+                   f"task.data_dir=a folder that holds {sources[name].path or task.train.path}")
             missing.append(Missing(f"{name}: {unreadable[name]}", fix))
     if lost_benchmarks := [b for b in cfg.eval.benchmarks if b in lost]:
         keep = ",".join(b for b in cfg.eval.benchmarks if b not in lost_benchmarks)
-        missing.append(Missing(_grouped({n: unreadable[n] for n in lost_benchmarks}),
-                               f"eval.benchmarks=[{keep}] (or put their files under {local})"))
+        files = ", ".join(p for b in lost_benchmarks if (p := task.benchmarks[b].path))
+        missing.append(Missing(_grouped({n: unreadable[n] for n in lost_benchmarks}), f"eval.benchmarks=[{keep}]"
+                               + (f" (or task.data_dir=a folder that holds {files})" if files else "")))
     return missing
 
 
@@ -177,10 +173,9 @@ def _grouped(reasons: dict[str, str]) -> str:
 def _unreadable(source, data_dir: str | None, machine: Machine) -> str | None:
     """Why the rows of `source` cannot be read on this machine, or None."""
     if is_local(source, data_dir):
-        path = Path(data_dir) / source.path
-        return None if path.is_file() else f"no file {path}"
+        return None
     if source.hub_id is None:
-        return "no hub copy, and no file " + ("without task.data_dir" if data_dir is None else f"under {data_dir}")
+        return "no hub copy, and " + (f"no file under {data_dir}" if data_dir else "no task.data_dir")
     if machine.hub or _cached(source.hub_id, "dataset"):
         return None
     return f"on the hub, which {_no_hub()}, and not in the local cache"

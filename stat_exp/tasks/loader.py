@@ -37,23 +37,23 @@ class DataError(ValueError):
 
 
 def is_local(source: DataSource, data_dir: str | None) -> bool:
-    """Whether `source` is read from `data_dir` (else from the hub)."""
-    return data_dir is not None and source.path is not None
+    """Whether `source` is read from `data_dir`, which holds its file (else from the hub)."""
+    return data_dir is not None and source.path is not None and (Path(data_dir) / source.path).is_file()
 
 
 def load_source(source: DataSource, data_dir: str | None, name: str) -> list[dict]:
-    """The rows of one source: the JSONL file `data_dir/source.path`, or the hub dataset
-    when `data_dir` is None or the source has no path. `name` prefixes the ids of rows that have none."""
+    """The rows of one source: the JSONL file `data_dir/source.path` where `data_dir` holds it,
+    else the hub dataset. `name` prefixes the ids of rows that have none."""
     if source.answer_format not in _ANSWER_FORMATS:
         raise ValueError(f"{name}: answer_format must be one of {_ANSWER_FORMATS}, got {source.answer_format!r}")
     if is_local(source, data_dir):
         path = Path(data_dir) / source.path
-        if not path.is_file():
-            raise FileNotFoundError(f"{name}: no data file at {path}")
         origin, records = str(path), _read_jsonl(path)
     else:
         if source.hub_id is None:
-            raise ValueError(f"{name} has no hub_id: set task.data_dir to a folder that holds {source.path}")
+            where = f"no file {Path(data_dir) / source.path}" if data_dir else "task.data_dir is null"
+            raise FileNotFoundError(f"{name} has no hub_id and {where}: set task.data_dir to a folder that "
+                                    f"holds {source.path}")
         import datasets  # heavy: only when a hub source is actually loaded
 
         dataset = datasets.load_dataset(source.hub_id, source.hub_config, split=source.split)
@@ -154,8 +154,9 @@ def _parse_level(value: Any, origin: str, line: int) -> int | None:
 
 def val_from_source(task: TaskConfig) -> bool:
     """Whether validation comes from `task.val` (the paper's split of MATH test) rather than
-    from the training pool: with `data_dir` set, only when `task.val` has a file there."""
-    return task.val is not None and (task.data_dir is None or task.val.path is not None)
+    from the training pool. A pool read from `data_dir` keeps its validation inside it unless
+    `data_dir` holds task.val too: ../shared/data's pool is itself MATH test questions."""
+    return task.val is not None and (is_local(task.val, task.data_dir) or not is_local(task.train, task.data_dir))
 
 
 def load_train_val(task: TaskConfig) -> tuple[list[dict], list[dict]]:
@@ -186,9 +187,9 @@ def split_note(task: TaskConfig) -> str | None:
         return None
     tests = ", ".join(f"{name} is {source.path}" for name, source in task.benchmarks.items()
                       if source.exclude_val and is_local(source, task.data_dir))
-    return (f"{task.name} differs from the paper's splits: {task.data_dir} holds no file for task.val "
-            f"({task.val.hub_id}[{task.val.split}]), so validation is {task.val_size} questions carved from "
-            f"the pool {task.train.path} instead of {task.val_source_size} of task.val" + (f"; {tests}" if tests else ""))
+    return (f"{task.name} differs from the paper's splits: the pool is {Path(task.data_dir) / task.train.path} "
+            f"and validation {task.val_size} questions carved from it, not {task.val_source_size} of "
+            f"{task.val.hub_id}[{task.val.split}]" + (f"; {tests}" if tests else ""))
 
 
 def load_benchmark(task: TaskConfig, name: str, limit: int | None = None) -> list[dict]:
