@@ -178,3 +178,36 @@ def test_the_sft_learning_rate_and_threshold_grids_are_the_papers():
 
 def test_rl_none_is_no_rl():
     assert compose_config("rl=none").rl is None and compose_config("rl=grpo").rl.name == "grpo"
+
+
+class RecordingGenerator:
+    """A generation backend that records what it is asked for and answers \\boxed{2}."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, *, n, temperature, top_p, max_tokens, seed):
+        self.calls.append({"prompts": len(prompts), "n": n, "temperature": temperature, "max_tokens": max_tokens,
+                           "seed": seed})
+        return [["\\boxed{2}"] * n for _ in prompts]
+
+
+def test_per_benchmark_sampling_reaches_the_generator(tmp_path, monkeypatch):
+    """The paper's evaluation: MATH at pass@1, temperature 0.1; AMC23 and AIME24 at 64 samples, temperature 1.0."""
+    from stat_exp import pipeline
+    from stat_exp.store import Store
+    from stat_exp.student import generation, models
+    from stat_exp.tracking import Tracker
+
+    recorder = RecordingGenerator()
+    monkeypatch.setattr(generation, "make_generator", lambda *args, **kwargs: recorder)
+    monkeypatch.setattr(models, "load_tokenizer", lambda *args, **kwargs: None)
+    monkeypatch.setattr(models, "format_prompt", lambda tokenizer, problem, **kwargs: problem)
+    cfg = compose_config("eval=paper", "logger=none", f"paths.cache_dir={tmp_path}")
+    rows = [{"id": "1", "problem": "1+1?", "answer": "2"}]
+    results = pipeline.evaluate_student(cfg, Store(tmp_path), Tracker(cfg, tmp_path / "run"),
+                                        pipeline.Student("unused", "key"),
+                                        {"math": rows, "amc23": rows, "aime24": rows}, label="base")
+    assert [(c["n"], c["temperature"], c["seed"], c["max_tokens"]) for c in recorder.calls] == [
+        (1, 0.1, 0, 2048), (64, 1.0, 0, 2048), (64, 1.0, 0, 2048)]
+    assert results["amc23"]["avg@64"] == results["aime24"]["pass@64"] == 1.0 and "avg@64" not in results["math"]
