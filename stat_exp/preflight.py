@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
+from stat_exp.pipeline import uses_teacher
 from stat_exp.tasks import is_local
 from stat_exp.tasks.loader import val_from_source
 
@@ -57,6 +58,7 @@ def require(cfg: DictConfig) -> None:
 
 
 def report(missing: list[Missing]) -> str:
+    """The message that lists every missing item with its fix."""
     lines = [f"This run cannot start here: {len(missing)} thing(s) missing. Each with the override that avoids it:"]
     for item in missing:
         lines += [f"  - {item.what}", f"      -> {item.fix}"]
@@ -70,7 +72,6 @@ def check(cfg: DictConfig, machine: Machine) -> list[Missing]:
 
 def _teacher(cfg: DictConfig) -> list[Missing]:
     """The teacher's credentials, or its server when it is a local one; none for skillworld's oracle."""
-    from stat_exp.pipeline import uses_teacher
     from stat_exp.teacher import oracle
 
     t = cfg.teacher
@@ -103,8 +104,8 @@ def _gpu_and_models(cfg: DictConfig, machine: Machine) -> list[Missing]:
                               f"model.hub_id=/path/to/a/copy of {model.hub_id} (or model=tiny to try the pipeline)")
     d = cfg.difficulty
     if d is not None and d.name == "prm":
-        if not machine.gpu and not Path(d.prm_model).is_dir():
-            missing.append(Missing(f"difficulty=prm scores steps with {d.prm_model} (8B) on a GPU: this machine has none",
+        if not machine.gpu and not Path(d.prm_model).is_dir():  # a local (e.g. a test's tiny) PRM may run on a CPU
+            missing.append(Missing(f"difficulty=prm scores steps with {d.prm_model} on a GPU: this machine has none",
                                    "difficulty=outcome"))
         missing += _hub_model(d.prm_model, machine, "difficulty=prm's reward model", "difficulty=outcome")
     if trains and cfg.sft.load_in_4bit and model.tiny is None and not machine.gpu:

@@ -211,3 +211,14 @@ def test_per_benchmark_sampling_reaches_the_generator(tmp_path, monkeypatch):
     assert [(c["n"], c["temperature"], c["seed"], c["max_tokens"]) for c in recorder.calls] == [
         (1, 0.1, 0, 2048), (64, 1.0, 0, 2048), (64, 1.0, 0, 2048)]
     assert results["amc23"]["avg@64"] == results["aime24"]["pass@64"] == 1.0 and "avg@64" not in results["math"]
+
+
+def test_per_benchmark_sampling_for_an_unknown_benchmark_fails_before_any_stage():
+    from stat_exp.pipeline import _check
+
+    cfg = compose_config("eval=paper")
+    cfg.eval.per_benchmark["amc32"] = {"samples": 2}
+    with pytest.raises(ValueError, match=r"eval.per_benchmark names \['amc32'\], not benchmarks of task math"):
+        _check(cfg)
+    del cfg.eval.per_benchmark["amc32"]
+    _check(cfg)

@@ -42,7 +42,7 @@ def test_the_missions_command_lists_what_is_missing_and_stops(tmp_path):
     assert out.returncode == 1 and seconds < 60, printed
     assert "Traceback" not in printed
     for needed, override in [("OPENAI_API_KEY", "teacher=local teacher.api_base="),
-                             ("RLHFlow/Llama3.1-8B-PRM-Mistral-Data (8B) on a GPU", "-> difficulty=outcome"),
+                             ("RLHFlow/Llama3.1-8B-PRM-Mistral-Data on a GPU: this machine has none", "-> difficulty=outcome"),
                              ("sft=qlora loads Qwen/Qwen2.5-3B in 4 bits", "-> sft=lora"),
                              ("the student Qwen/Qwen2.5-3B is on the hub, which HF_HUB_OFFLINE forbids", "model.hub_id="),
                              ("math-train, math-val, math, amc23, aime24: on the hub", "-> task.data_dir=../shared/data"),
