@@ -217,5 +217,5 @@ def test_per_benchmark_sampling_for_an_unknown_benchmark_fails_before_any_stage(
     from stat_exp.pipeline import _check
 
     with pytest.raises(ValueError, match=r"eval.per_benchmark names \['amc32'\], not benchmarks of task math"):
-        _check(compose_config("eval=paper", "eval.per_benchmark={amc32:{samples:2}}"))
-    _check(compose_config("eval=paper", "eval.per_benchmark={gsm8k:{samples:2}}"))
+        _check(compose_config("eval=paper", "++eval.per_benchmark={amc32:{samples:2}}"))
+    _check(compose_config("eval=paper", "++eval.per_benchmark={gsm8k:{samples:2}}"))
