@@ -17,8 +17,8 @@ from omegaconf import MISSING
 class DataSource:
     """Where one split of a task lives: a local JSONL file, or a Hugging Face dataset."""
 
-    path: Optional[str] = None  # JSONL file relative to task.data_dir; used when data_dir is set
-    hub_id: Optional[str] = None  # Hugging Face dataset id; used when data_dir is null
+    path: Optional[str] = None  # JSONL file relative to task.data_dir; used when data_dir holds it
+    hub_id: Optional[str] = None  # Hugging Face dataset id; used otherwise
     hub_config: Optional[str] = None  # dataset config name (e.g. gsm8k's "main")
     split: str = "test"  # hub split
     fields: Dict[str, str] = field(default_factory=dict)  # our field -> source field renames
@@ -66,7 +66,7 @@ class WorldConfig:
 @dataclass
 class TaskConfig:
     name: str = MISSING
-    data_dir: Optional[str] = None  # local data root (e.g. ../shared/data); null = Hugging Face hub
+    data_dir: Optional[str] = None  # local data root (e.g. ../shared/data); sources it lacks (or all, when null) use the hub
     train: DataSource = field(default_factory=DataSource)  # training pool
     # Validation's own source (the paper: MATH test). Null, or no local path while data_dir is set:
     # validation is carved from the training pool instead.

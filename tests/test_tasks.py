@@ -215,7 +215,8 @@ def test_a_data_dir_keeps_the_prm800k_split_and_says_how_it_differs(task, hub):
                                 "[test]; math is math500/test.jsonl")
 
 
-def test_a_data_dir_without_a_sources_file_falls_back_to_the_hub(task, hub, tmp_path):
+def test_a_data_dir_without_a_sources_file_falls_back_to_the_hub(task, hub, tmp_path, caplog):
+    caplog.set_level("INFO", logger="stat_exp.tasks.loader")
     (tmp_path / "amc23").mkdir()
     (tmp_path / "amc23" / "test.jsonl").write_text('{"question": "2+2?", "answer": 4.0}\n')
     task.data_dir = str(tmp_path)  # holds amc23 only: the pool and validation come from the hub
@@ -223,6 +224,7 @@ def test_a_data_dir_without_a_sources_file_falls_back_to_the_hub(task, hub, tmp_
     train, val = load_train_val(task)
     assert (len(train), len(val)) == (75, 10)
     assert hub.calls == [("DigitalLearningGmbH/MATH-lighteval", "train"), ("DigitalLearningGmbH/MATH-lighteval", "test")]
+    assert f"math-train: no file {tmp_path / 'math/train.jsonl'}, so from the hub" in caplog.text
     assert [r["answer"] for r in load_benchmark(task, "amc23")] == ["4"]
 
 

@@ -11,6 +11,7 @@ field names onto ours. A task with
 
 import hashlib
 import json
+import logging
 import random
 import re
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from omegaconf import OmegaConf
 
 from stat_exp.config import DataSource, TaskConfig
 from stat_exp.grading import extract_boxed
+
+log = logging.getLogger(__name__)
 
 _ANSWER_FORMATS = ("boxed", "gsm8k")
 _FIELDS = ("id", "unique_id", "problem", "solution", "answer", "subject", "level", "skills")
@@ -54,6 +57,8 @@ def load_source(source: DataSource, data_dir: str | None, name: str) -> list[dic
             where = f"no file {Path(data_dir) / source.path}" if data_dir else "task.data_dir is null"
             raise FileNotFoundError(f"{name} has no hub_id and {where}: set task.data_dir to a folder that "
                                     f"holds {source.path}")
+        if data_dir is not None and source.path is not None:
+            log.info("%s: no file %s, so from the hub (%s)", name, Path(data_dir) / source.path, source.hub_id)
         import datasets  # heavy: only when a hub source is actually loaded
 
         dataset = datasets.load_dataset(source.hub_id, source.hub_config, split=source.split)
