@@ -68,8 +68,8 @@ class TaskConfig:
     name: str = MISSING
     data_dir: Optional[str] = None  # local data root (e.g. ../shared/data); sources it lacks (or all, when null) use the hub
     train: DataSource = field(default_factory=DataSource)  # training pool
-    # Validation's own source (the paper: MATH test). Null, or no local path while data_dir is set:
-    # validation is carved from the training pool instead.
+    # Validation's own source (the paper: MATH test). Null, or a pool read from data_dir while
+    # task.val is not: validation is carved from the training pool instead.
     val: Optional[DataSource] = None
     val_size: int = 500  # questions moved from the training pool to the validation split (without task.val)
     val_source_size: int = 1000  # questions drawn from task.val; its rest is a benchmark with exclude_val
