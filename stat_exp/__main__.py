@@ -19,9 +19,11 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from stat_exp.pipeline import run
+    from stat_exp.preflight import require
     from stat_exp.store import IncompleteArtifact
     from stat_exp.teacher.client import BudgetExceeded
 
+    require(cfg)  # everything this machine lacks, listed before any stage runs
     try:
         run(cfg, HydraConfig.get().runtime.output_dir)
     except (IncompleteArtifact, BudgetExceeded) as err:  # what to do next is in the message: no traceback

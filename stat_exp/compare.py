@@ -2,7 +2,8 @@
 
 `SweepSummary` is a Hydra callback (`hydra.callbacks` in conf/hydra/default.yaml): when a
 multirun ends it reads every job's metrics.json and writes `summary.json`, `summary.md` and a
-per-skill accuracy chart per benchmark into the sweep folder, and logs the table.
+per-skill accuracy chart per benchmark into the sweep folder, and logs the table. A sweep over
+the SFT learning rate also gets the best rate per variant, as the paper chooses it.
 """
 
 import json
@@ -10,15 +11,24 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.experimental.callback import Callback
 
 log = logging.getLogger(__name__)
 
+SELECTION_BENCHMARK = "math"  # the paper picks each method's SFT learning rate by MATH accuracy (C.1)
+
 
 def load_runs(sweep_dir: Path) -> list[dict]:
-    """The metrics of each finished job under `sweep_dir` (job folders in numeric order)."""
+    """The metrics of each finished job under `sweep_dir` (job folders in numeric order), each
+    with the job's resolved config under "config" when its config.yaml is there."""
     paths = sorted(Path(sweep_dir).glob("*/metrics.json"), key=lambda p: (len(p.parent.name), p.parent.name))
-    return [json.loads(path.read_text()) for path in paths]
+    runs = []
+    for path in paths:
+        metrics = json.loads(path.read_text())
+        config = path.parent / "config.yaml"
+        runs.append(metrics | ({"config": yaml.safe_load(config.read_text())} if config.is_file() else {}))
+    return runs
 
 
 def final_stage(metrics: dict) -> str:
@@ -53,12 +63,37 @@ def compare(runs: list[dict]) -> dict[str, Any]:
                 "after_by_skill": skill_accuracy(after),
             })
     profile = next((m["profile"]["base"]["f"] for m in runs if "f" in m.get("profile", {}).get("base", {})), {})
-    return {"benchmarks": benchmarks, "profile": profile}
+    comparison = {"benchmarks": benchmarks, "profile": profile}
+    rates = {_learning_rate(m) for m in runs} - {None}
+    if len(rates) > 1:
+        comparison["best_learning_rate"] = best_learning_rate(runs)
+    return comparison
+
+
+def best_learning_rate(runs: list[dict], benchmark: str = SELECTION_BENCHMARK) -> dict[str, dict]:
+    """Per variant: the SFT learning rate of the run with the best pass@1 on `benchmark` after
+    training (the first such run on a tie), with that accuracy and the run's name."""
+    best: dict[str, dict] = {}
+    for metrics in runs:
+        rate = _learning_rate(metrics)
+        after = metrics.get("eval", {}).get(final_stage(metrics), {}).get(benchmark)
+        if rate is None or after is None or final_stage(metrics) == "base":
+            continue
+        variant = metrics["run"]["variant"]
+        if variant not in best or after["pass@1"] > best[variant]["pass@1"]:
+            best[variant] = {"learning_rate": rate, "pass@1": after["pass@1"], "run": metrics["run"]["name"]}
+    return best
 
 
 def markdown(comparison: dict[str, Any]) -> str:
     """The comparison as Markdown tables: pass@1 before and after, then accuracy by skill."""
     lines = []
+    if comparison.get("best_learning_rate"):
+        lines += [f"### Best SFT learning rate per variant ({SELECTION_BENCHMARK} pass@1 after training)", "",
+                  "| variant | learning rate | pass@1 | run |", "|---|---|---|---|"]
+        lines += [f"| {variant} | {b['learning_rate']:g} | {b['pass@1']:.3f} | {b['run']} |"
+                  for variant, b in comparison["best_learning_rate"].items()]
+        lines.append("")
     profile = comparison["profile"]
     if profile:
         lines += ["Missing-Skill-Profile of the base student: "
@@ -113,6 +148,11 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         summarize_sweep(Path(config.hydra.sweep.dir))
+
+
+def _learning_rate(metrics: dict) -> float | None:
+    """The run's SFT learning rate, from the config saved beside its metrics (None without SFT)."""
+    return ((metrics.get("config") or {}).get("sft") or {}).get("learning_rate")
 
 
 def _skills(rows: list[dict], profile: dict[str, int]) -> list[str]:

@@ -17,12 +17,13 @@ from omegaconf import MISSING
 class DataSource:
     """Where one split of a task lives: a local JSONL file, or a Hugging Face dataset."""
 
-    path: Optional[str] = None  # JSONL file relative to task.data_dir; used when data_dir is set
-    hub_id: Optional[str] = None  # Hugging Face dataset id; used when data_dir is null
+    path: Optional[str] = None  # JSONL file relative to task.data_dir; used when data_dir holds it
+    hub_id: Optional[str] = None  # Hugging Face dataset id; used otherwise
     hub_config: Optional[str] = None  # dataset config name (e.g. gsm8k's "main")
     split: str = "test"  # hub split
     fields: Dict[str, str] = field(default_factory=dict)  # our field -> source field renames
     answer_format: str = "boxed"  # boxed: last \boxed{} of the solution | gsm8k: text after '####'
+    exclude_val: bool = False  # drop the validation questions (by problem text): MATH test minus validation = the paper's 4k MATH
 
 
 @dataclass
@@ -65,9 +66,13 @@ class WorldConfig:
 @dataclass
 class TaskConfig:
     name: str = MISSING
-    data_dir: Optional[str] = None  # local data root (e.g. ../shared/data); null = Hugging Face hub
-    train: DataSource = field(default_factory=DataSource)  # training pool; validation is carved from it
-    val_size: int = 500  # questions moved from the training pool to the validation split
+    data_dir: Optional[str] = None  # local data root (e.g. ../shared/data); sources it lacks (or all, when null) use the hub
+    train: DataSource = field(default_factory=DataSource)  # training pool
+    # Validation's own source (the paper: MATH test). Null, or a pool read from data_dir while
+    # task.val is not: validation is carved from the training pool instead.
+    val: Optional[DataSource] = None
+    val_size: int = 500  # questions moved from the training pool to the validation split (without task.val)
+    val_source_size: int = 1000  # questions drawn from task.val; its rest is a benchmark with exclude_val
     split_seed: int = 0  # seed of the validation split
     benchmarks: Dict[str, DataSource] = field(default_factory=dict)  # evaluation sets by name
     skills: SkillsConfig = field(default_factory=SkillsConfig)
@@ -124,8 +129,17 @@ class GeneratorConfig:
 
 
 @dataclass
+class BenchmarkSampling:
+    """One benchmark's sampling where it differs from eval's own (the paper: AMC23 and AIME at 64 samples, 1.0)."""
+
+    samples: Optional[int] = None  # null: eval.samples
+    temperature: Optional[float] = None  # null: eval.temperature
+
+
+@dataclass
 class EvalConfig:
     benchmarks: List[str] = field(default_factory=lambda: ["math500"])  # names in task.benchmarks
+    per_benchmark: Dict[str, BenchmarkSampling] = field(default_factory=dict)  # benchmark name -> its own sampling
     limit: Optional[int] = None  # evaluate the first N questions of each benchmark
     samples: int = 1  # k: answers per question (avg@k and pass@k when k > 1)
     temperature: float = 0.0  # 0 = greedy
@@ -312,7 +326,7 @@ class StatConfig:
     generator: GeneratorConfig = MISSING
     sft: Optional[SFTConfig] = None
     rl: Optional[RLConfig] = None
-    eval: EvalConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)  # conf/eval/ or a recipe may replace it
     logger: LoggerConfig = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     stat: StatLoopConfig = field(default_factory=StatLoopConfig)

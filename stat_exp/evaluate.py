@@ -9,8 +9,18 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
+from omegaconf import DictConfig, OmegaConf
+
 from stat_exp.config import EvalConfig, GeneratorConfig, ModelConfig
 from stat_exp.store import write_jsonl
+
+
+def benchmark_config(cfg: DictConfig, name: str) -> DictConfig:
+    """`cfg` (eval) for the benchmark `name`: its `per_benchmark` sampling over the shared settings."""
+    own = cfg.per_benchmark.get(name)
+    if own is None:
+        return cfg
+    return OmegaConf.merge(cfg, {k: v for k, v in OmegaConf.to_container(own).items() if v is not None})
 
 
 def answer_questions(

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from stat_exp import evaluate as evaluation
 from stat_exp.code_fingerprint import digest, module_code, stage_code
 from stat_exp.store import Artifact, Store, hash_key, write_jsonl
-from stat_exp.tasks import fingerprint, load_benchmark, load_train_val
+from stat_exp.tasks import fingerprint, load_benchmark, load_train_val, split_note
 from stat_exp.tracking import Tracker, resolved_config
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     try:
         _check(cfg)
         train, val = load_train_val(cfg.task)
+        if note := split_note(cfg.task):
+            log.warning("%s (pool %d questions, validation %d)", note, len(train), len(val))
         teacher = _lazy_teacher(cfg, store)
         catalogue = smap = None
         if cfg.teacher is not None or cfg.task.skills.catalogue_file or cfg.task.skills.map_file:
@@ -380,11 +382,10 @@ def training_data(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Call
         return card | ({"teacher": usage} if usage else {})
 
     # Only the teacher's identity enters the key, and only for variants that ask it something.
-    asks_teacher = v.name in ("syn", "embed_syn", "augment") or (v.name in ("sel", "embed_sel") and v.answers != "reference")
     artifact = store.stage(
         "data",
         config={"variant": OmegaConf.to_container(v), "data": OmegaConf.to_container(cfg.data),
-                "teacher": _teacher_identity(cfg, ("rewrite", "synthesis", "solution")) if asks_teacher else None},
+                "teacher": _teacher_identity(cfg, ("rewrite", "synthesis", "solution")) if asks_teacher(v) else None},
         inputs=upstream,
         code=stage_code("data"),
         compute=compute,
@@ -471,18 +472,20 @@ def evaluate_student(cfg: DictConfig, store: Store, tracker: Tracker, student: S
     """STAT step 9: evaluate `student` on every benchmark (one cached artifact each) and log it."""
     results = {}
     for name, rows in benchmarks.items():
+        eval_cfg = evaluation.benchmark_config(cfg.eval, name)
         artifact = store.stage(
             "eval",
             config={
                 "benchmark": name,
-                "eval": {k: v for k, v in OmegaConf.to_container(cfg.eval).items() if k != "benchmarks"},
+                "eval": {k: v for k, v in OmegaConf.to_container(eval_cfg).items() if k not in ("benchmarks",
+                                                                                              "per_benchmark")},
                 "generator": OmegaConf.to_container(cfg.generator),
                 "prompt": [cfg.model.instruction, cfg.model.system_prompt],
             },
             inputs={"model": student.key, "data": fingerprint(rows)},
             code=stage_code("eval"),
-            compute=lambda out, rows=rows: evaluation.evaluate(
-                rows, out, cfg=cfg.eval, gen_cfg=cfg.generator, model_cfg=cfg.model, model_path=student.path
+            compute=lambda out, rows=rows, eval_cfg=eval_cfg: evaluation.evaluate(
+                rows, out, cfg=eval_cfg, gen_cfg=cfg.generator, model_cfg=cfg.model, model_path=student.path
             ),
         )
         metrics = artifact.summary
@@ -584,6 +587,23 @@ def _check(cfg: DictConfig) -> None:
                          "e.g. difficulty=outcome (or difficulty=prm, the paper's)")
     if cfg.variant.name in DIAGNOSED_VARIANTS and cfg.teacher is None:
         raise ValueError(f"variant={cfg.variant.name} needs a teacher to diagnose missing skills, e.g. teacher=gpt-4o-mini")
+    unknown = sorted(set(cfg.eval.per_benchmark) - set(cfg.task.benchmarks))
+    if unknown and cfg.task.world is None:
+        raise ValueError(f"eval.per_benchmark names {unknown}, not benchmarks of task {cfg.task.name} "
+                         f"({sorted(cfg.task.benchmarks)})")
+
+
+def asks_teacher(variant: DictConfig) -> bool:
+    """Whether the variant's data needs the teacher (rewrites, new questions, their solutions)."""
+    return variant.name in ("syn", "embed_syn", "augment") or (variant.name in ("sel", "embed_sel")
+                                                                and variant.answers != "reference")
+
+
+def uses_teacher(cfg: DictConfig) -> bool:
+    """Whether the run asks its teacher anything: a catalogue or map not loaded from files, the profile, the data."""
+    spec, v = cfg.task.skills, cfg.variant
+    return cfg.teacher is not None and (not spec.catalogue_file or not spec.map_file or asks_teacher(v)
+                                        or (v.name in DIAGNOSED_VARIANTS and cfg.difficulty is not None))
 
 
 def _metered(cfg: DictConfig, teacher: Callable, work: Callable):

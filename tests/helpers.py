@@ -23,7 +23,8 @@ def compose_config(*overrides: str):
 def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> str:
     """`python -m stat_exp *args` from the repository root, W&B offline and with no API key;
     fails the test unless it exits 0, else returns what it printed."""
-    env = {**(env or os.environ), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    # Tests never reach the hub (the preflight would otherwise ask whether it answers).
+    env = {**(env or os.environ), "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
     env.pop("WANDB_API_KEY", None)
     out = subprocess.run([sys.executable, "-m", "stat_exp", *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=timeout)

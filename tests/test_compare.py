@@ -1,7 +1,9 @@
 import json
 from pathlib import Path
 
-from stat_exp.compare import compare, markdown, summarize_sweep
+import yaml
+
+from stat_exp.compare import best_learning_rate, compare, markdown, summarize_sweep
 
 
 def job(name: str, variant: str, base: float, after: float, by_skill: dict[str, float], profile=None) -> dict:
@@ -45,3 +47,34 @@ def test_runs_from_different_base_students_show_base_and_after_per_cell() -> Non
     table = markdown(compare([RUNS[0], other]))
     assert "| skill | variant=sel | variant=train |" in table
     assert "| add | 0.500 -> 0.900 | 0.200 -> 0.800 |" in table
+
+
+def lr_job(variant: str, rate: float, math: float) -> dict:
+    """A job of sweeps/sft_lr.yaml: its metrics on math before and after SFT, and its saved config."""
+    return {"run": {"name": f"sft.learning_rate={rate},variant={variant}", "variant": variant},
+            "eval": {"base": {"math": {"pass@1": 0.4}}, "sft": {"math": {"pass@1": math}}},
+            "config": {"variant": {"name": variant}, "sft": {"learning_rate": rate}}}
+
+
+LR_RUNS = [lr_job("sel", 1e-4, 0.50), lr_job("sel", 2e-4, 0.62), lr_job("sel", 5e-4, 0.58),
+           lr_job("train", 1e-4, 0.47), lr_job("train", 2e-4, 0.45)]
+
+
+def test_the_best_learning_rate_per_variant_by_math_accuracy() -> None:
+    assert best_learning_rate(LR_RUNS) == {
+        "sel": {"learning_rate": 2e-4, "pass@1": 0.62, "run": "sft.learning_rate=0.0002,variant=sel"},
+        "train": {"learning_rate": 1e-4, "pass@1": 0.47, "run": "sft.learning_rate=0.0001,variant=train"}}
+    table = markdown(compare(LR_RUNS))
+    assert "| sel | 0.0002 | 0.620 | sft.learning_rate=0.0002,variant=sel |" in table
+    assert "| train | 0.0001 | 0.470 |" in table
+    assert "best_learning_rate" not in compare(RUNS)  # a sweep that does not vary the rate names none
+
+
+def test_summarize_sweep_reads_each_jobs_learning_rate_from_its_config(tmp_path: Path) -> None:
+    for i, job in enumerate(LR_RUNS):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "metrics.json").write_text(json.dumps({k: v for k, v in job.items() if k != "config"}))
+        (tmp_path / str(i) / "config.yaml").write_text(yaml.safe_dump(job["config"]))
+    comparison = summarize_sweep(tmp_path)
+    assert {v: b["learning_rate"] for v, b in comparison["best_learning_rate"].items()} == {"sel": 2e-4, "train": 1e-4}
+    assert "### Best SFT learning rate per variant (math pass@1 after training)" in (tmp_path / "summary.md").read_text()

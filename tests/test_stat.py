@@ -55,7 +55,7 @@ def run_sweep(teacher: ScriptedTeacher, data, tmp_path, *overrides: str) -> None
             "-m", *overrides,
             f"task.data_dir={data}", "task.val_size=6", "task.skills.catalogue_file=skills.json",
             "teacher=local", f"teacher.api_base={server.url}", "teacher.model=openai/scripted",
-            "difficulty=outcome", "difficulty.max_tokens=8",
+            "difficulty=outcome", "difficulty.max_tokens=8", "eval=default",  # not the paper's recipe: every job alike
             "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
             f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
         )
@@ -78,7 +78,7 @@ def math_like_data(tmp_path):
 
 def test_multirun_over_variants_computes_upstream_stages_once(tmp_path, math_like_data):
     teacher = ScriptedTeacher()
-    run_sweep(teacher, math_like_data, tmp_path, "variant=sel,syn", "difficulty.test_benchmark=null",
+    run_sweep(teacher, math_like_data, tmp_path, "variant=sel,syn", "~sft", "difficulty.test_benchmark=null",
               "eval.benchmarks=[]", "data.budget=30", "experiment_name=stat_sweep")
 
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())

@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from stat_exp.config import DataSource, TaskConfig, WorldConfig
-from stat_exp.tasks import DataError, fingerprint, load_benchmark, load_source, load_train_val, world_splits
+from stat_exp.tasks import DataError, fingerprint, load_benchmark, load_source, load_train_val, split_note, world_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -136,18 +136,96 @@ def test_unreadable_level(tmp_path):
 
 
 def test_unknown_benchmark(task):
-    with pytest.raises(ValueError, match=r"unknown benchmark 'math5000'.*'aime24', 'amc23', 'gsm8k', 'math500'"):
+    with pytest.raises(ValueError, match=r"unknown benchmark 'math5000'.*'aime24', 'aime25', 'amc23', 'gsm8k', 'math'"):
         load_benchmark(task, "math5000")
 
 
-def test_hub_only_benchmark_with_data_dir(task):
-    with pytest.raises(ValueError, match="gsm8k is hub-only"):
-        load_benchmark(task, "gsm8k")
-
-
-def test_missing_data_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.jsonl"))):
+def test_missing_data_file_without_a_hub_copy(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"nope has no hub_id and no file {tmp_path / 'nope.jsonl'}")):
         load_source(DataSource(path="nope.jsonl"), str(tmp_path), "nope")
+
+
+class FakeHub:
+    """`datasets.load_dataset` standing in for the hub: MATH-shaped splits by (hub_id, split), calls recorded."""
+
+    def __init__(self, splits: dict[tuple[str, str], list[dict]]):
+        self.splits, self.calls = splits, []
+
+    def __call__(self, hub_id, config=None, split=None):
+        self.calls.append((hub_id, split))
+        return self.splits[hub_id, split]
+
+
+def math_rows(prefix: str, n: int) -> list[dict]:
+    return [{"problem": f"{prefix} problem {i}", "solution": f"so \\boxed{{{i}}}", "type": "Algebra",
+             "level": f"Level {1 + i % 5}"} for i in range(n)]
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """MATH on a fake hub, scaled down 100x: train 75, test 50."""
+    import datasets
+
+    fake = FakeHub({("DigitalLearningGmbH/MATH-lighteval", "train"): math_rows("train", 75),
+                    ("DigitalLearningGmbH/MATH-lighteval", "test"): math_rows("test", 50)})
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    return fake
+
+
+def test_the_papers_splits_from_the_hub(task, hub):
+    """MATH train is the pool; MATH test splits, seeded, into validation and the benchmark math (1k / 4k, scaled)."""
+    task.data_dir = None
+    task.val_source_size = 10
+    train, val = load_train_val(task)
+    math = load_benchmark(task, "math")
+    assert (len(train), len(val), len(math)) == (75, 10, 40)
+    assert {r["problem"] for r in train} == {f"train problem {i}" for i in range(75)}
+    test_problems = {f"test problem {i}" for i in range(50)}
+    assert {r["problem"] for r in val} | {r["problem"] for r in math} == test_problems
+    assert not {r["problem"] for r in val} & {r["problem"] for r in math}
+    assert split_note(task) is None
+    assert load_train_val(task)[1] == val  # seeded
+    task.split_seed = 1
+    assert load_train_val(task)[1] != val
+
+
+def test_the_papers_splits_from_local_files(task, tmp_path):
+    """The same split when a data_dir holds MATH train and test (written here, 100x smaller)."""
+    (tmp_path / "math").mkdir()
+    for split, n in (("train", 75), ("test", 50)):
+        (tmp_path / "math" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in math_rows(split, n)))
+    task.data_dir = str(tmp_path)
+    task.val.path = task.benchmarks.math.path = "math/test.jsonl"
+    task.val_source_size = 10
+    train, val = load_train_val(task)
+    math = load_benchmark(task, "math")
+    assert (len(train), len(val), len(math)) == (75, 10, 40)
+    assert len({r["problem"] for r in val} | {r["problem"] for r in math}) == 50
+    assert split_note(task) is None
+
+
+def test_a_data_dir_keeps_the_prm800k_split_and_says_how_it_differs(task, hub):
+    """With ../shared/data (MATH test minus MATH500 as the pool): validation from the pool, MATH500 as math."""
+    train, val = load_train_val(task)
+    assert (len(train), len(val)) == (4000, 500) and hub.calls == []
+    assert [r["id"] for r in load_benchmark(task, "math", limit=2)] == [r["id"] for r in load_benchmark(task, "math500",
+                                                                                                       limit=2)]
+    assert split_note(task) == (f"math differs from the paper's splits: the pool is {DATA / 'math/train.jsonl'} and "
+                                "validation 500 questions carved from it, not 1000 of DigitalLearningGmbH/MATH-lighteval"
+                                "[test]; math is math500/test.jsonl")
+
+
+def test_a_data_dir_without_a_sources_file_falls_back_to_the_hub(task, hub, tmp_path, caplog):
+    caplog.set_level("INFO", logger="stat_exp.tasks.loader")
+    (tmp_path / "amc23").mkdir()
+    (tmp_path / "amc23" / "test.jsonl").write_text('{"question": "2+2?", "answer": 4.0}\n')
+    task.data_dir = str(tmp_path)  # holds amc23 only: the pool and validation come from the hub
+    task.val_source_size = 10
+    train, val = load_train_val(task)
+    assert (len(train), len(val)) == (75, 10)
+    assert hub.calls == [("DigitalLearningGmbH/MATH-lighteval", "train"), ("DigitalLearningGmbH/MATH-lighteval", "test")]
+    assert f"math-train: no file {tmp_path / 'math/train.jsonl'}, so from the hub" in caplog.text
+    assert [r["answer"] for r in load_benchmark(task, "amc23")] == ["4"]
 
 
 def test_fingerprint(task):

@@ -3,13 +3,15 @@
 A row is a plain dict: id (str), problem (str), solution (str, "" when the source has none),
 answer (str), subject (str | None), level (int | None), and skills (list[str]) when the
 source labels them. Sources are local JSONL files under `task.data_dir`, or Hugging Face
-datasets when it is null; `DataSource.fields` maps their field names onto ours. A task with
+datasets when it is null or holds no file for the source; `DataSource.fields` maps their
+field names onto ours. A task with
 `world` set (skillworld) generates its rows instead: its splits are the benchmarks "val" and
 "test", and "pretrain", the base student's corpus.
 """
 
 import hashlib
 import json
+import logging
 import random
 import re
 from collections.abc import Iterator
@@ -23,6 +25,8 @@ from omegaconf import OmegaConf
 from stat_exp.config import DataSource, TaskConfig
 from stat_exp.grading import extract_boxed
 
+log = logging.getLogger(__name__)
+
 _ANSWER_FORMATS = ("boxed", "gsm8k")
 _FIELDS = ("id", "unique_id", "problem", "solution", "answer", "subject", "level", "skills")
 
@@ -35,22 +39,26 @@ class DataError(ValueError):
         self.origin, self.line = origin, line
 
 
+def is_local(source: DataSource, data_dir: str | None) -> bool:
+    """Whether `source` is read from `data_dir`, which holds its file (else from the hub)."""
+    return data_dir is not None and source.path is not None and (Path(data_dir) / source.path).is_file()
+
+
 def load_source(source: DataSource, data_dir: str | None, name: str) -> list[dict]:
-    """The rows of one source: the JSONL file `data_dir/source.path`, or the hub dataset
-    when `data_dir` is None. `name` prefixes the ids of rows that have none."""
+    """The rows of one source: the JSONL file `data_dir/source.path` where `data_dir` holds it,
+    else the hub dataset. `name` prefixes the ids of rows that have none."""
     if source.answer_format not in _ANSWER_FORMATS:
         raise ValueError(f"{name}: answer_format must be one of {_ANSWER_FORMATS}, got {source.answer_format!r}")
-    if data_dir is not None:
-        if source.path is None:
-            raise ValueError(f"{name} is hub-only ({source.hub_id}): it has no local file; "
-                             "load it with task.data_dir=null")
+    if is_local(source, data_dir):
         path = Path(data_dir) / source.path
-        if not path.is_file():
-            raise FileNotFoundError(f"{name}: no data file at {path}")
         origin, records = str(path), _read_jsonl(path)
     else:
         if source.hub_id is None:
-            raise ValueError(f"{name} has no hub_id: set task.data_dir to load it from {source.path}")
+            where = f"no file {Path(data_dir) / source.path}" if data_dir else "task.data_dir is null"
+            raise FileNotFoundError(f"{name} has no hub_id and {where}: set task.data_dir to a folder that "
+                                    f"holds {source.path}")
+        if data_dir is not None and source.path is not None:
+            log.info("%s: no file %s, so from the hub (%s)", name, Path(data_dir) / source.path, source.hub_id)
         import datasets  # heavy: only when a hub source is actually loaded
 
         dataset = datasets.load_dataset(source.hub_id, source.hub_config, split=source.split)
@@ -149,32 +157,64 @@ def _parse_level(value: Any, origin: str, line: int) -> int | None:
     return int(match.group(1))
 
 
+def val_from_source(task: TaskConfig) -> bool:
+    """Whether validation comes from `task.val` (the paper's split of MATH test) rather than
+    from the training pool. A pool read from `data_dir` keeps its validation inside it unless
+    `data_dir` holds task.val too: ../shared/data's pool is itself MATH test questions."""
+    return task.val is not None and (is_local(task.val, task.data_dir) or not is_local(task.train, task.data_dir))
+
+
 def load_train_val(task: TaskConfig) -> tuple[list[dict], list[dict]]:
-    """The training pool split into (train, validation): `task.val_size` rows drawn with
-    `task.split_seed`, so the same seed always holds out the same questions. A generated
-    world has its own train and val splits."""
+    """(train, validation), drawn with `task.split_seed`, so the same seed always holds out the
+    same questions: `task.val_source_size` rows of `task.val` beside the whole pool, or without
+    it `task.val_size` rows carved from the pool. A generated world has its own splits."""
     if task.world is not None:
         generated = world_splits(task.world)
         return generated["train"], generated["val"]
     pool = load_source(task.train, task.data_dir, f"{task.name}-train")
-    if not 0 <= task.val_size <= len(pool):
-        raise ValueError(f"val_size {task.val_size} must be between 0 and the pool's {len(pool)} rows")
-    held_out = set(random.Random(task.split_seed).sample(range(len(pool)), task.val_size))
-    train = [row for i, row in enumerate(pool) if i not in held_out]
-    val = [row for i, row in enumerate(pool) if i in held_out]
-    return train, val
+    if val_from_source(task):
+        source = load_source(task.val, task.data_dir, f"{task.name}-val")
+        return pool, _draw(source, task.val_source_size, task.split_seed, "val_source_size")[1]
+    return _draw(pool, task.val_size, task.split_seed, "val_size")
+
+
+def _draw(rows: list[dict], size: int, seed: int, key: str) -> tuple[list[dict], list[dict]]:
+    """(rest, drawn): `size` rows drawn with `seed`, both in their original order."""
+    if not 0 <= size <= len(rows):
+        raise ValueError(f"{key} {size} must be between 0 and the source's {len(rows)} rows")
+    drawn = set(random.Random(seed).sample(range(len(rows)), size))
+    return [r for i, r in enumerate(rows) if i not in drawn], [r for i, r in enumerate(rows) if i in drawn]
+
+
+def split_note(task: TaskConfig) -> str | None:
+    """What the splits of `task` change from its own validation source (the paper's), or None."""
+    if task.world is not None or task.val is None or val_from_source(task):
+        return None
+    tests = ", ".join(f"{name} is {source.path}" for name, source in task.benchmarks.items()
+                      if source.exclude_val and is_local(source, task.data_dir))
+    return (f"{task.name} differs from the paper's splits: the pool is {Path(task.data_dir) / task.train.path} "
+            f"and validation {task.val_size} questions carved from it, not {task.val_source_size} of "
+            f"{task.val.hub_id}[{task.val.split}]" + (f"; {tests}" if tests else ""))
 
 
 def load_benchmark(task: TaskConfig, name: str, limit: int | None = None) -> list[dict]:
     """The first `limit` rows (all when None) of the benchmark `name` of `task.benchmarks`,
-    or of a generated world's splits."""
+    or of a generated world's splits. A benchmark with `exclude_val` leaves out the
+    validation questions (MATH test minus validation is the paper's 4k MATH)."""
     generated = world_splits(task.world) if task.world is not None else None
     names = sorted(task.benchmarks if generated is None else generated)
     if name not in names:
         raise ValueError(f"unknown benchmark {name!r}; {task.name} has {names}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    rows = load_source(task.benchmarks[name], task.data_dir, name) if generated is None else generated[name]
+    if generated is not None:
+        rows = generated[name]
+    else:
+        source = task.benchmarks[name]
+        rows = load_source(source, task.data_dir, name)
+        if source.exclude_val:
+            validation = {r["problem"] for r in load_train_val(task)[1]}
+            rows = [r for r in rows if r["problem"] not in validation]
     return rows if limit is None else rows[:limit]
 
 
