@@ -262,10 +262,11 @@ class RLConfig:
     learning_rate: float = 5e-7
     lr_scheduler: str = "constant"
     beta: float = 0.0  # KL coefficient (none)
-    num_generations: int = 4
+    num_generations: int = 4  # rollouts per question
     max_completion_length: int = 2048
-    questions_per_batch: int = 256
-    epochs: float = 6.0
+    questions_per_batch: int = 256  # questions sampled in one generation round
+    questions_per_update: int = 64  # mini-batch: questions per gradient update (256 / 64 = 4 updates a round)
+    epochs: float = 6.0  # TRL has no entropy bonus, so the paper's entropy coefficient 0 needs no setting
     temperature: float = 1.0
     rewards: List[str] = field(default_factory=lambda: ["correctness"])  # names in stat_exp.rewards
     reward_weights: Optional[List[float]] = None
