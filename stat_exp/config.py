@@ -190,7 +190,7 @@ class DifficultyConfig:
     step_separator: str = "\n\n"  # a regex: how a response is cut into steps
     prm_batch_size: int = 8
     min_agreement: int = 2  # consistency: difficult if the most common answer appears fewer times
-    min_words: int = 800  # length: difficult if the response has at least this many words
+    min_words: int = 800  # length: difficult if the responses average at least this many words
 
 
 @dataclass
