@@ -199,16 +199,18 @@ class VariantConfig:
 
     name: str = MISSING  # sel | syn | train | augment | hard | embed_sel | embed_syn | none
     questions_per_pair: int = 5  # sel: training questions drawn per (difficult question, missing skill)
-    answers_per_question: int = 3  # sel/augment: answers each selected question brings
-    answers: str = "both"  # sel: reference | rewrite | both (the reference solution, then teacher rewrites)
-    examples_per_pair: int = 3  # syn: training questions with the skill shown to the teacher
+    answers_per_question: int = 3  # sel/augment/hard/embed_sel: answers each selected question brings
+    answers: str = "both"  # sel/hard/embed_sel: reference | rewrite | both (the reference solution, then teacher rewrites)
+    whole_pool: bool = False  # train: every training question once (the pool's size, not data.budget)
+    examples_per_pair: int = 3  # syn: training questions with the skill shown to the teacher; embed_syn: group size
     new_questions: int = 2  # syn: questions the teacher writes per pair
-    solutions_per_question: int = 3  # syn: teacher solutions per new question
-    min_agreement: int = 2  # syn: keep a question when this many solutions agree on the final answer
-    copy_threshold: float = 0.8  # syn: word overlap with an example above which a question is a near-copy
+    solutions_per_question: int = 3  # syn/embed_syn: teacher solutions per new question
+    min_agreement: int = 2  # syn/embed_syn: keep a question when this many solutions agree on the final answer
+    copy_threshold: float = 0.8  # syn/embed_syn: word overlap with an example above which a question is a near-copy
     hard_levels: List[int] = field(default_factory=lambda: [4, 5])  # hard
-    embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"  # embed_*
-    neighbours: int = 5  # embed_sel: nearest training questions per difficult question
+    embedding_model: str = "Alibaba-NLP/gte-Qwen2-7B-instruct"  # embed_*: sentence-transformers model (the paper's)
+    neighbours: int = 5  # embed_*: nearest training questions per difficult question (per pass for embed_sel)
+    groups_per_question: int = 5  # embed_syn: new questions per difficult question, each from a different group
     max_passes: int = 100  # passes over the pairs (new draws or syntheses) before the budget is given up on
 
 
