@@ -223,6 +223,7 @@ class DataConfig:
 @dataclass
 class StatLoopConfig:
     rounds: int = 1  # probe -> profile -> data -> train, repeated on the improved student
+    round_val: Optional[str] = None  # benchmark later rounds profile on (paper: MATH-perturb-hard); null = val again
 
 
 @dataclass
