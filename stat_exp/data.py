@@ -1,7 +1,8 @@
 """The data stage (STAT step 6): a registry of variants, the budget, and the data card.
 
 Every variant is a function `(inputs, variant_cfg, budget, rng) -> (pairs, stats)` under the
-name `variant=` selects; all are held to the same budget of question-answer pairs.
+name `variant=` selects; all are held to the same budget of question-answer pairs, but for the
+paper's MATH-Train (`train` with `whole_pool`), which is the whole training pool once.
 """
 
 import logging
@@ -55,8 +56,9 @@ def build_training_data(inputs: DataInputs, cfg: VariantConfig, budget: int, see
                                                "budget_from": "the pool" if cfg.whole_pool else "data.budget"}
     if not card["budget_met"]:
         log.warning("variant %s made %d of the %d pairs asked for: %s", cfg.name, len(pairs), budget,
-                    "no difficult question has a missing skill with training questions" if not pairs else
-                    stats.get("exhausted") or f"raise variant.max_passes (now {cfg.max_passes}) or lower data.budget")
+                    stats.get("exhausted") or ("no difficult question has a missing skill with training questions"
+                                               if not pairs else
+                                               f"raise variant.max_passes (now {cfg.max_passes}) or lower data.budget"))
     return pairs, card
 
 
