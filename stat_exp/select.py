@@ -152,8 +152,8 @@ def sampled(inputs, budget: int, rng: random.Random, *, pool: Sequence[dict], an
 
 
 def train_baseline(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tuple[list[Pair], dict]:
-    """Training questions with their reference solutions: the whole pool once (`whole_pool`), or a budget of them."""
-    budget = len(inputs.train) if cfg.whole_pool else budget
+    """Distinct training questions with their reference solutions (the whole pool: `build_training_data`
+    sets the budget to its size for `whole_pool`)."""
     return sampled(inputs, budget, rng, pool=inputs.train, answers=Answers(None, "reference", 1))
 
 

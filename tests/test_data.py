@@ -199,6 +199,10 @@ def test_embed_sel_later_passes_take_the_next_nearest_never_the_same_pairs(ranke
     assert set(drawn.values()) == {1}  # no pair twice
     assert FIRST_PASS <= set(drawn) and len(set(drawn) & SECOND_PASS) == 3  # the nearer pass whole, then 3 more
     assert card["details"]["passes"] == 2
+    # The 3 are sampled from the second pass, not its first 3 in order.
+    thirds = {frozenset(set(sources(build_training_data(two_difficult(), variant("embed_sel", answers="reference"),
+                                                        budget=12, seed=seed)[0])) & SECOND_PASS) for seed in range(5)}
+    assert len(thirds) > 1
 
 
 def test_embed_sel_stops_when_the_neighbours_run_out(ranked, caplog):
