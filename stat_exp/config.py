@@ -209,6 +209,7 @@ class VariantConfig:
     copy_threshold: float = 0.8  # syn/embed_syn: word overlap with an example above which a question is a near-copy
     hard_levels: List[int] = field(default_factory=lambda: [4, 5])  # hard
     embedding_model: str = "Alibaba-NLP/gte-Qwen2-7B-instruct"  # embed_*: sentence-transformers model (the paper's)
+    embedding_remote_code: bool = True  # embed_*: run the model's own code from the hub (gte-Qwen2 ships its modeling)
     neighbours: int = 5  # embed_*: nearest training questions per difficult question (per pass for embed_sel)
     groups_per_question: int = 5  # embed_syn: new questions per difficult question, each from a different group
     max_passes: int = 100  # passes over the pairs (new draws or syntheses) before the budget is given up on

@@ -170,11 +170,12 @@ def hard_baseline(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -
     return sampled(inputs, budget, rng, pool=pool, answers=answers)
 
 
-def nearest_neighbours(queries: Sequence[str], corpus: Sequence[str], model_name: str, k: int) -> list[list[int]]:
+def nearest_neighbours(queries: Sequence[str], corpus: Sequence[str], model_name: str, k: int, *,
+                       trust_remote_code: bool) -> list[list[int]]:
     """Indices of the k corpus texts nearest each query, nearest first, by cosine similarity of sentence embeddings."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(model_name)
+    model = SentenceTransformer(model_name, trust_remote_code=trust_remote_code)
     corpus_vectors = model.encode(list(corpus), normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=True)
     query_vectors = model.encode(list(queries), normalize_embeddings=True, convert_to_tensor=True)
     scores = query_vectors @ corpus_vectors.T
@@ -190,7 +191,8 @@ def embed_sel(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tu
     """
     queries = [r["problem"] for r in inputs.difficult]
     k = cfg.neighbours
-    ranked = nearest_neighbours(queries, [r["problem"] for r in inputs.train], cfg.embedding_model, k * cfg.max_passes)
+    ranked = nearest_neighbours(queries, [r["problem"] for r in inputs.train], cfg.embedding_model, k * cfg.max_passes,
+                                trust_remote_code=cfg.embedding_remote_code)
     answers = Answers(inputs.teacher, cfg.answers, cfg.answers_per_question)
     taken: set[int] = set()
     pairs: list[Pair] = []

@@ -112,7 +112,7 @@ def stat_syn(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tup
 
 def embed_syn(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tuple[list[Pair], dict]:
     neighbours = nearest_neighbours([r["problem"] for r in inputs.difficult], [r["problem"] for r in inputs.train],
-                                    cfg.embedding_model, cfg.neighbours)
+                                    cfg.embedding_model, cfg.neighbours, trust_remote_code=cfg.embedding_remote_code)
     groups = [list(itertools.combinations(near, cfg.examples_per_pair)) for near in neighbours]
     if any(len(options) < cfg.groups_per_question for options in groups):
         raise ValueError(f"variant.groups_per_question ({cfg.groups_per_question}) needs that many different groups of "

@@ -165,8 +165,9 @@ RANKS = [list(range(40)), [4] + list(range(10, 40)) + [0, 1, 2, 3] + list(range(
 
 @pytest.fixture
 def ranked(monkeypatch):
-    def nearest(queries, corpus, model_name, k):
+    def nearest(queries, corpus, model_name, k, *, trust_remote_code):
         assert len(queries) == 2 and len(corpus) == 40 and model_name == VariantConfig.embedding_model
+        assert trust_remote_code
         return [r[:k] for r in RANKS]
 
     monkeypatch.setattr(select, "nearest_neighbours", nearest)
