@@ -214,7 +214,7 @@ class DifficultyConfig:
     step_separator: str = "\n\n"  # a regex: how a response is cut into steps
     prm_batch_size: int = 8
     min_agreement: int = 2  # consistency: difficult if the most common answer appears fewer times
-    min_words: int = 800  # length: difficult if the response has at least this many words
+    min_words: int = 800  # length: difficult if the responses average at least this many words
 
 
 @dataclass
@@ -223,16 +223,19 @@ class VariantConfig:
 
     name: str = MISSING  # sel | syn | train | augment | hard | embed_sel | embed_syn | none
     questions_per_pair: int = 5  # sel: training questions drawn per (difficult question, missing skill)
-    answers_per_question: int = 3  # sel/augment: answers each selected question brings
-    answers: str = "both"  # sel: reference | rewrite | both (the reference solution, then teacher rewrites)
-    examples_per_pair: int = 3  # syn: training questions with the skill shown to the teacher
+    answers_per_question: int = 3  # sel/augment/hard/embed_sel: answers each selected question brings
+    answers: str = "both"  # sel/hard/embed_sel: reference | rewrite | both (the reference solution, then teacher rewrites)
+    whole_pool: bool = False  # train: every training question once (the pool's size, not data.budget)
+    examples_per_pair: int = 3  # syn: training questions with the skill shown to the teacher; embed_syn: group size
     new_questions: int = 2  # syn: questions the teacher writes per pair
-    solutions_per_question: int = 3  # syn: teacher solutions per new question
-    min_agreement: int = 2  # syn: keep a question when this many solutions agree on the final answer
-    copy_threshold: float = 0.8  # syn: word overlap with an example above which a question is a near-copy
+    solutions_per_question: int = 3  # syn/embed_syn: teacher solutions per new question
+    min_agreement: int = 2  # syn/embed_syn: keep a question when this many solutions agree on the final answer
+    copy_threshold: float = 0.8  # syn/embed_syn: word overlap with an example above which a question is a near-copy
     hard_levels: List[int] = field(default_factory=lambda: [4, 5])  # hard
-    embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"  # embed_*
-    neighbours: int = 5  # embed_sel: nearest training questions per difficult question
+    embedding_model: str = "Alibaba-NLP/gte-Qwen2-7B-instruct"  # embed_*: sentence-transformers model (the paper's)
+    embedding_remote_code: bool = True  # embed_*: run the model's own code from the hub (gte-Qwen2 ships its modeling)
+    neighbours: int = 5  # embed_*: nearest training questions per difficult question (per pass for embed_sel)
+    groups_per_question: int = 5  # embed_syn: new questions per difficult question, each from a different group
     max_passes: int = 100  # passes over the pairs (new draws or syntheses) before the budget is given up on
 
 
@@ -245,6 +248,7 @@ class DataConfig:
 @dataclass
 class StatLoopConfig:
     rounds: int = 1  # probe -> profile -> data -> train, repeated on the improved student
+    round_val: Optional[str] = None  # benchmark later rounds profile on (paper: MATH-perturb-hard); null = val again
 
 
 @dataclass
@@ -287,10 +291,11 @@ class RLConfig:
     learning_rate: float = 5e-7
     lr_scheduler: str = "constant"
     beta: float = 0.0  # KL coefficient (none)
-    num_generations: int = 4
+    num_generations: int = 4  # rollouts per question
     max_completion_length: int = 2048
-    questions_per_batch: int = 256
-    epochs: float = 6.0
+    questions_per_batch: int = 256  # questions sampled in one generation round
+    questions_per_update: int = 64  # mini-batch: questions per gradient update (256 / 64 = 4 updates a round)
+    epochs: float = 6.0  # TRL has no entropy bonus, so the paper's entropy coefficient 0 needs no setting
     temperature: float = 1.0
     rewards: List[str] = field(default_factory=lambda: ["correctness"])  # names in stat_exp.rewards
     reward_weights: Optional[List[float]] = None

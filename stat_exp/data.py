@@ -1,7 +1,8 @@
 """The data stage (STAT step 6): a registry of variants, the budget, and the data card.
 
 Every variant is a function `(inputs, variant_cfg, budget, rng) -> (pairs, stats)` under the
-name `variant=` selects; all are held to the same budget of question-answer pairs.
+name `variant=` selects; all are held to the same budget of question-answer pairs, but for the
+paper's MATH-Train (`train` with `whole_pool`), which is the whole training pool once.
 """
 
 import logging
@@ -38,15 +39,26 @@ class DataInputs:
 
 
 def build_training_data(inputs: DataInputs, cfg: VariantConfig, budget: int, seed: int) -> tuple[list[dict], dict]:
-    """The variant's training pairs, cut to `budget`, and their data card."""
+    """The variant's training pairs, cut to `budget`, and their data card.
+
+    `variant.whole_pool` (the paper's MATH-Train) replaces the budget with the pool's size:
+    every training question once, and the card says so (`budget_from`).
+    """
     if cfg.name not in VARIANTS:
         raise ValueError(f"unknown variant {cfg.name!r}; choose one of {', '.join(sorted(VARIANTS))} or none")
+    if cfg.whole_pool and cfg.name != "train":
+        raise ValueError(f"variant.whole_pool is for variant=train (every training question once), not {cfg.name!r}")
+    if cfg.whole_pool:
+        log.info("variant train uses the whole pool: %d pairs, not data.budget (%d)", len(inputs.train), budget)
+        budget = len(inputs.train)
     pairs, stats = VARIANTS[cfg.name](inputs, cfg, budget, random.Random(seed))
-    card = data_card(pairs, inputs, budget) | {"variant": cfg.name, "details": stats}
+    card = data_card(pairs, inputs, budget) | {"variant": cfg.name, "details": stats,
+                                               "budget_from": "the pool" if cfg.whole_pool else "data.budget"}
     if not card["budget_met"]:
         log.warning("variant %s made %d of the %d pairs asked for: %s", cfg.name, len(pairs), budget,
-                    "no difficult question has a missing skill with training questions" if not pairs else
-                    f"raise variant.max_passes (now {cfg.max_passes}) or lower data.budget")
+                    stats.get("exhausted") or ("no difficult question has a missing skill with training questions"
+                                               if not pairs else
+                                               f"raise variant.max_passes (now {cfg.max_passes}) or lower data.budget"))
     return pairs, card
 
 

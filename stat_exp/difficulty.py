@@ -7,7 +7,7 @@ of the sample the teacher should diagnose.
 
 - `outcome`: fewer than half of the samples are correct (one sample: it is wrong).
 - `consistency`: the most common normalised answer appears fewer than `min_agreement` times.
-- `length`: the first response has at least `min_words` words.
+- `length`: the responses average at least `min_words` words (the paper's appendix E.1).
 - `prm`: a process reward model (RLHFlow style) scores each step; the paper's rule on the scores.
 
 `agreement` compares a classifier's verdicts with outcome's (the paper's Table 11).
@@ -73,11 +73,14 @@ def _answer_key(prediction: str | None) -> str | None:
 
 
 def classify_length(records: Sequence[dict], cfg: DifficultyConfig) -> list[dict]:
-    """Difficult when the first response has at least `min_words` whitespace-separated words."""
+    """Difficult when the samples' responses average at least `min_words` whitespace-separated words;
+    the sample to diagnose is the longest."""
     verdicts = []
     for record in records:
-        words = len(record["responses"][0].split())
-        verdicts.append({"difficult": words >= cfg.min_words, "response": 0, "words": words})
+        words = [len(response.split()) for response in record["responses"]]
+        mean = sum(words) / len(words)
+        verdicts.append({"difficult": mean >= cfg.min_words, "response": words.index(max(words)),
+                         "words": round(mean, 2)})
     return verdicts
 
 

@@ -58,14 +58,44 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+# A unit after the answer: `\text{ cm}`, `\mbox{inches}`, `\text{ cm}^2` (words only, so that
+# `x\text{-axis}` or a whole `\text{(B)}` stays).
+_RIGHT_UNIT = re.compile(r"^(?P<value>.*\S)\s*\\(?:text|mbox)\{\s*[A-Za-z][A-Za-z .]*\}(?:\^\{?[23]\}?)?$")
+_THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_CHOICE = re.compile(r"^\\(?:text|textbf|mathrm)\{\s*(\(?[A-E]\)?)\s*\}$|^\(([A-E])\)$")
+
+
+def normalize_notation(s: str) -> str:
+    """`s` without the notation that the standard MATH harnesses ignore, for both metrics.
+
+    As Hendrycks' `is_equiv` (`_strip_string`), Qwen2.5-Math's `strip_string` and lm-eval's
+    minerva_math `normalize_final_answer` do: `\\!` and the other spacing commands, `\\$` and
+    `$`, a unit in `\\text{}` after the answer, the percent sign, degrees, `dfrac`/`tfrac`,
+    thousands separators (`10{,}000`, `10,000`; a comma elsewhere, as in `1,2`, separates list
+    items and stays), and a multiple-choice letter written `(B)` or `\\text{(B)}` (`B`).
+    """
+    s = s.strip().replace("\\$", "").replace("$", "")
+    s = re.sub(r"(?<!\\)\\[!,;: ]", "", s)  # spacing (`3\,000`, `x\!+\!1`), not a `\\` line break
+    s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
+    s = re.sub(r"\^\{?\\circ\}?", "", s)
+    unit = _RIGHT_UNIT.match(s)
+    if unit:
+        s = unit["value"].strip()
+    s = s.replace("\\%", "").replace("%", "")
+    s = s.replace("{,}", "")
+    if _THOUSANDS.match(s):
+        s = s.replace(",", "")
+    choice = _CHOICE.match(s)
+    if choice:
+        s = (choice[1] or choice[2]).strip("()")
+    return s.strip()
+
+
 def normalize_answer(s: str) -> str:
     """A canonical string form of an answer for the strict metric: only notation is removed."""
-    s = s.strip().replace("$", "")
-    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)  # `10\text{ cm}` is `10 cm`: units keep their content
+    s = normalize_notation(s)
+    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)  # `\text{Evelyn}` is `Evelyn`
     s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s)
-    s = re.sub(r"\\[!,;:]", "", s)
-    s = re.sub(r"\^\{?\\circ\}?", "", s)
-    s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12 is \frac{1}{2}
     s = re.sub(r"\s+", "", s)
     s = s.rstrip(".")
@@ -100,6 +130,8 @@ def verify_answer(gold: str, pred: str | None, timeout: float = 5.0) -> bool:
     seconds = max(1, math.ceil(timeout))
     try:
         # Gold first, and as verify's first argument: math-verify is not symmetric.
+        # The harnesses' notation goes first (math-verify reads `25\\%` as 0.25, never as 25).
+        gold, pred = normalize_notation(gold), normalize_notation(pred)
         gold_parsed = parse(f"\\boxed{{{gold}}}", parsing_timeout=seconds)
         if not gold_parsed:
             logger.debug("math-verify cannot parse the gold answer %r", gold)

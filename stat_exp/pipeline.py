@@ -67,17 +67,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         before = diagnose(cfg, store, tracker, teacher, student, val, catalogue, label="base")  # steps 3-5
         benchmarks = _benchmarks(cfg, before)
         evaluate_student(cfg, store, tracker, student, benchmarks, label="base")
-        diagnosis, stage = before, "base"
+        diagnosis, probed, stage = before, val, "base"
+        later_val = round_validation(cfg, val) if cfg.stat.rounds > 1 else val  # loaded before any training
         for round_ in range(1, cfg.stat.rounds + 1):
             if cfg.variant.name == "none":
                 break
-            data = training_data(cfg, store, tracker, teacher, train, val, smap, catalogue, diagnosis)  # step 6
+            data = training_data(cfg, store, tracker, teacher, train, probed, smap, catalogue, diagnosis)  # step 6
             if cfg.sft is None:
                 break
             student = finetune(cfg, store, tracker, student, data, label=f"sft{round_}")  # step 7
             stage = "sft"
-            if round_ < cfg.stat.rounds:  # the continual variant: diagnose the improved student again
-                diagnosis = diagnose(cfg, store, tracker, teacher, student, val, catalogue, label=f"round{round_ + 1}")
+            if round_ < cfg.stat.rounds:  # the continual variant (section 3.3): diagnose the improved student again
+                probed = later_val
+                diagnosis = diagnose(cfg, store, tracker, teacher, student, probed, catalogue,
+                                     label=f"round{round_ + 1}")
         if cfg.rl is not None:
             student = reinforce(cfg, store, tracker, student, train)  # step 8
             stage = "rl"
@@ -104,6 +107,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             log.info("recomputed %s %s: %s", e.stage, e.key, e.reason)
     log.info("metrics written to %s", metrics_path)
     return tracker.metrics
+
+
+def round_validation(cfg: DictConfig, val: list[dict]) -> list[dict]:
+    """The questions a later round of the continual variant builds its profile on: the benchmark
+    `stat.round_val` (the paper: MATH-perturb-hard), or, when null, the same validation questions."""
+    if cfg.stat.round_val is None:
+        log.info("stat.round_val is null: rounds after the first probe the same %d validation questions again",
+                 len(val))
+        return val
+    rows = load_benchmark(cfg.task, cfg.stat.round_val)
+    log.info("rounds after the first build their profile on %s (%d questions)", cfg.stat.round_val, len(rows))
+    return rows
 
 
 def base_student(cfg: DictConfig, store: Store, tracker: Tracker, train: list[dict]) -> Student:
@@ -595,7 +610,7 @@ def _check(cfg: DictConfig) -> None:
 
 def asks_teacher(variant: DictConfig) -> bool:
     """Whether the variant's data needs the teacher (rewrites, new questions, their solutions)."""
-    return variant.name in ("syn", "embed_syn", "augment") or (variant.name in ("sel", "embed_sel")
+    return variant.name in ("syn", "embed_syn", "augment") or (variant.name in ("sel", "hard", "embed_sel")
                                                                 and variant.answers != "reference")
 
 

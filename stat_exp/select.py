@@ -3,11 +3,14 @@
 STAT-Sel: for every (difficult question, missing skill) pair, draw `questions_per_pair`
 training questions that the skill map labels with that skill, so skill s is drawn about
 k x f(s) times; each drawn question brings its answers (the reference solution and/or
-teacher rewrites). Baselines draw from the same pool at the same budget: `train` (uniform,
-reference solutions), `augment` (uniform, teacher rewrites), `hard` (levels 4-5 only) and
-`embed_sel` (nearest training questions of each difficult question by sentence embedding).
+teacher rewrites). The baselines, as the paper's appendix C.2: `train` (every training question
+once with its reference solution, or a budget of them), `augment` (the budget sampled from
+every question's teacher answers), `hard` (the same from levels 4-5 only) and `embed_sel` (the
+nearest training questions of each difficult question by sentence embedding, with their answers).
+A baseline never repeats a (question, answer) pair.
 """
 
+import logging
 import random
 from collections import defaultdict
 from typing import Callable, Sequence
@@ -17,6 +20,8 @@ from stat_exp.grading import extract_boxed, verify_answer
 from stat_exp.teacher import parsers
 from stat_exp.teacher.client import Request, Teacher
 from stat_exp.teacher.prompts import render
+
+log = logging.getLogger(__name__)
 
 Pair = dict  # a training row: question, answer, source, skills, origin
 
@@ -41,6 +46,11 @@ class Answers:
         self.teacher, self.mode, self.per_question = teacher, mode, per_question
         self.rewrites: dict[str, list[str]] = {}
         self.rejected = {"unparsed": 0, "wrong_answer": 0}
+
+    @property
+    def per_row(self) -> int:
+        """Answers a question brings when no rewrite is rejected."""
+        return 1 if self.mode == "reference" else self.per_question
 
     @property
     def rewrites_wanted(self) -> int:
@@ -115,38 +125,57 @@ def stat_sel(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tup
                   "rejected_rewrites": answers.rejected}
 
 
-def uniform(inputs, cfg: VariantConfig, budget: int, rng: random.Random, *, pool: Sequence[dict], mode: str) -> tuple[list[Pair], dict]:
-    """Training questions drawn uniformly from `pool` (epoch by epoch), with answers by `mode`."""
-    answers = Answers(inputs.teacher, mode, 1 if mode == "reference" else cfg.answers_per_question)
-    per_question = max(1, answers.rewrites_wanted + (mode != "rewrite"))
+def sampled(inputs, budget: int, rng: random.Random, *, pool: Sequence[dict], answers: Answers) -> tuple[list[Pair], dict]:
+    """`budget` pairs drawn without replacement from every (question, answer) of `pool`.
 
-    def draw_pass(_: int) -> list[Pair]:
-        rows = rng.sample(list(pool), min(len(pool), -(-budget // per_question)))
-        answers.fetch(rows)
-        return [p for row in rows for p in answers.of(row, inputs.skill_map.get(row["id"], []))]
+    The same draw as writing every question's answers and sampling the budget from them, at the
+    cost of the questions drawn only: the (question, answer number) slots are shuffled and taken
+    in order, and only the questions taken are rewritten. A slot whose rewrite was rejected is
+    empty and a later slot fills in; short of the budget only when the pool's pairs run out.
+    """
+    slots = [(row, j) for row in pool for j in range(answers.per_row)]
+    rng.shuffle(slots)
+    pairs: list[Pair] = []
+    taken = 0
+    while len(pairs) < budget and taken < len(slots):
+        batch = slots[taken:taken + budget - len(pairs)]
+        taken += len(batch)
+        answers.fetch([row for row, _ in batch])
+        for row, j in batch:
+            made = answers.of(row, inputs.skill_map.get(row["id"], []))
+            if j < len(made):
+                pairs.append(made[j])
+    stats = {"pool": len(pool), "answers_per_question": answers.per_row, "rejected_rewrites": answers.rejected}
+    if len(pairs) < budget:
+        stats["exhausted"] = f"every pair of the pool's {len(pool)} questions x {answers.per_row} answers is used"
+    return pairs, stats
 
-    rows, passes = fill(draw_pass, budget, cfg.max_passes, rng)
-    return rows, {"pool": len(pool), "passes": passes, "rejected_rewrites": answers.rejected}
+
+def train_baseline(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tuple[list[Pair], dict]:
+    """Distinct training questions with their reference solutions (the whole pool: `build_training_data`
+    sets the budget to its size for `whole_pool`)."""
+    return sampled(inputs, budget, rng, pool=inputs.train, answers=Answers(None, "reference", 1))
 
 
-def train_baseline(inputs, cfg, budget, rng):
-    return uniform(inputs, cfg, budget, rng, pool=inputs.train, mode="reference")
+def augment_baseline(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tuple[list[Pair], dict]:
+    """The budget sampled from `answers_per_question` teacher answers of every training question."""
+    answers = Answers(inputs.teacher, "rewrite", cfg.answers_per_question)
+    return sampled(inputs, budget, rng, pool=inputs.train, answers=answers)
 
 
-def augment_baseline(inputs, cfg, budget, rng):
-    return uniform(inputs, cfg, budget, rng, pool=inputs.train, mode="rewrite")
-
-
-def hard_baseline(inputs, cfg, budget, rng):
+def hard_baseline(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tuple[list[Pair], dict]:
+    """The budget sampled from the answers (`variant.answers`) of the questions at `hard_levels`."""
     pool = [r for r in inputs.train if r.get("level") in set(cfg.hard_levels)]
-    return uniform(inputs, cfg, budget, rng, pool=pool, mode="reference")
+    answers = Answers(inputs.teacher, cfg.answers, cfg.answers_per_question)
+    return sampled(inputs, budget, rng, pool=pool, answers=answers)
 
 
-def nearest_neighbours(queries: Sequence[str], corpus: Sequence[str], model_name: str, k: int) -> list[list[int]]:
-    """Indices of the k corpus texts nearest each query, by cosine similarity of sentence embeddings."""
+def nearest_neighbours(queries: Sequence[str], corpus: Sequence[str], model_name: str, k: int, *,
+                       trust_remote_code: bool) -> list[list[int]]:
+    """Indices of the k corpus texts nearest each query, nearest first, by cosine similarity of sentence embeddings."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(model_name)
+    model = SentenceTransformer(model_name, trust_remote_code=trust_remote_code)
     corpus_vectors = model.encode(list(corpus), normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=True)
     query_vectors = model.encode(list(queries), normalize_embeddings=True, convert_to_tensor=True)
     scores = query_vectors @ corpus_vectors.T
@@ -154,14 +183,37 @@ def nearest_neighbours(queries: Sequence[str], corpus: Sequence[str], model_name
 
 
 def embed_sel(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tuple[list[Pair], dict]:
+    """The `neighbours` training questions nearest each difficult question, with their answers; the budget sampled.
+
+    While short of the budget, each further pass takes every difficult question's next
+    `neighbours` nearest. A training question is taken once, however many difficult questions
+    it is near, so no pair repeats; the passes stop when the neighbours run out.
+    """
     queries = [r["problem"] for r in inputs.difficult]
-    neighbours = nearest_neighbours(queries, [r["problem"] for r in inputs.train], cfg.embedding_model, cfg.neighbours)
+    k = cfg.neighbours
+    ranked = nearest_neighbours(queries, [r["problem"] for r in inputs.train], cfg.embedding_model, k * cfg.max_passes,
+                                trust_remote_code=cfg.embedding_remote_code)
     answers = Answers(inputs.teacher, cfg.answers, cfg.answers_per_question)
-    chosen = [inputs.train[i] for near in neighbours for i in near]
-
-    def draw_pass(_: int) -> list[Pair]:
+    taken: set[int] = set()
+    pairs: list[Pair] = []
+    stats: dict = {"difficult_questions": len(queries), "questions": 0}
+    passes = 0
+    while len(pairs) < budget and passes < cfg.max_passes:
+        chosen = []
+        for near in ranked:
+            for i in near[passes * k:(passes + 1) * k]:
+                if i not in taken:
+                    taken.add(i)
+                    chosen.append(inputs.train[i])
+        if not chosen:
+            stats["exhausted"] = f"every difficult question's nearest training questions are taken ({len(taken)})"
+            log.info("embed_sel stops after %d passes with %d pairs: %s", passes, len(pairs), stats["exhausted"])
+            break
+        passes += 1
         answers.fetch(chosen)
-        return [p for row in chosen for p in answers.of(row, inputs.skill_map.get(row["id"], []))]
-
-    rows, passes = fill(draw_pass, budget, cfg.max_passes, rng)
-    return rows, {"difficult_questions": len(queries), "passes": passes, "rejected_rewrites": answers.rejected}
+        new = [p for row in chosen for p in answers.of(row, inputs.skill_map.get(row["id"], []))]
+        rng.shuffle(new)  # nearer passes are kept whole; the last one is sampled down to the budget
+        pairs += new[:budget - len(pairs)]
+        stats["questions"] += len(chosen)
+    rng.shuffle(pairs)
+    return pairs, stats | {"passes": passes, "rejected_rewrites": answers.rejected}

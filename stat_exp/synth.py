@@ -5,9 +5,14 @@ STAT-Syn: for every (difficult question, missing skill) pair, the teacher sees
 `new_questions` new ones; near-copies of the examples are rejected; the teacher then solves
 each new question `solutions_per_question` times, and a question is kept, with its agreeing
 solutions, when at least `min_agreement` final answers agree (math-verify).
+
+embed_syn (the paper's Embed-Syn, appendix C.2): for every difficult question,
+`groups_per_question` new questions, each written from a different group of
+`examples_per_pair` of its `neighbours` nearest training questions; solved and filtered alike.
 """
 
 import difflib
+import itertools
 import random
 import re
 from typing import Sequence
@@ -48,16 +53,16 @@ def is_near_copy(question: str, examples: Sequence[str], threshold: float) -> bo
 
 
 def synthesize(inputs, cfg: VariantConfig, targets: list[tuple[str | None, str, list[dict]]], pass_index: int,
-               stats: dict) -> list[Pair]:
-    """New questions with agreeing solutions for each (skill or None, subject, examples) target."""
+               stats: dict, *, count: int) -> list[Pair]:
+    """`count` new questions, with agreeing solutions, for each (skill or None, subject, examples) target."""
     teacher = inputs.teacher()
     requests = [
-        Request("synthesis", tuple(render("synthesis", skill=skill, subject=subject, count=cfg.new_questions,
+        Request("synthesis", tuple(render("synthesis", skill=skill, subject=subject, count=count,
                                           examples=[{"problem": e["problem"]} for e in examples])),
                 sample=pass_index)
         for skill, subject, examples in targets
     ]
-    replies = teacher.ask(requests, lambda text: parsers.parse_questions(text, cfg.new_questions), desc="writing questions")
+    replies = teacher.ask(requests, lambda text: parsers.parse_questions(text, count), desc="writing questions")
     questions = []  # (question, skill)
     for (skill, _, examples), reply in zip(targets, replies):
         if reply.parsed is None:
@@ -99,7 +104,7 @@ def stat_syn(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tup
     def draw_pass(i: int) -> list[Pair]:
         targets = [(skill, subject_of[qid], rng.sample(by_skill[skill], min(cfg.examples_per_pair, len(by_skill[skill]))))
                    for qid, skill in pairs_]
-        return synthesize(inputs, cfg, targets, i, stats)
+        return synthesize(inputs, cfg, targets, i, stats, count=cfg.new_questions)
 
     rows, passes = fill(draw_pass, budget, cfg.max_passes, rng)
     return rows, stats | {"pairs_profiled": len(pairs_), "passes": passes}
@@ -107,9 +112,19 @@ def stat_syn(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tup
 
 def embed_syn(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tuple[list[Pair], dict]:
     neighbours = nearest_neighbours([r["problem"] for r in inputs.difficult], [r["problem"] for r in inputs.train],
-                                    cfg.embedding_model, cfg.examples_per_pair)
-    targets = [(None, d.get("subject") or "mathematics", [inputs.train[i] for i in near])
-               for d, near in zip(inputs.difficult, neighbours)]
+                                    cfg.embedding_model, cfg.neighbours, trust_remote_code=cfg.embedding_remote_code)
+    groups = [list(itertools.combinations(near, cfg.examples_per_pair)) for near in neighbours]
+    if any(len(options) < cfg.groups_per_question for options in groups):
+        raise ValueError(f"variant.groups_per_question ({cfg.groups_per_question}) needs that many different groups of "
+                         f"examples_per_pair ({cfg.examples_per_pair}) of the neighbours ({cfg.neighbours}) "
+                         f"in a pool of {len(inputs.train)}")
     stats = _new_stats()
-    rows, passes = fill(lambda i: synthesize(inputs, cfg, targets, i, stats), budget, cfg.max_passes, rng)
-    return rows, stats | {"difficult_questions": len(targets), "passes": passes}
+
+    def draw_pass(i: int) -> list[Pair]:
+        targets = [(None, d.get("subject") or "mathematics", [inputs.train[j] for j in group])
+                   for d, options in zip(inputs.difficult, groups)
+                   for group in rng.sample(options, cfg.groups_per_question)]
+        return synthesize(inputs, cfg, targets, i, stats, count=1)
+
+    rows, passes = fill(draw_pass, budget, cfg.max_passes, rng)
+    return rows, stats | {"difficult_questions": len(groups), "passes": passes}

@@ -6,9 +6,11 @@ from collections import Counter
 from functools import cache
 
 import pytest
+from helpers import compose_config
 from omegaconf import OmegaConf
 from scipy.stats import chisquare
 
+from stat_exp import select, synth
 from stat_exp.config import TeacherConfig, VariantConfig
 from stat_exp.data import DataInputs, build_training_data
 from stat_exp.synth import agreeing_solutions, is_near_copy
@@ -63,23 +65,185 @@ def test_stat_sel_draws_only_questions_with_the_missing_skill():
         assert SKILLS[number % 3] == p["skills"][0]
 
 
-@pytest.mark.parametrize("name", ["sel", "train", "hard"])
-def test_variants_hit_the_budget_exactly(name):
-    pairs, card = build_training_data(inputs(), variant(name, answers="reference"), budget=777, seed=0)
+def test_stat_sel_hits_the_budget_exactly():
+    pairs, card = build_training_data(inputs(), variant("sel", answers="reference"), budget=777, seed=0)
     assert len(pairs) == 777 and card["budget_met"] and card["pairs"] == 777
 
 
-def test_hard_draws_only_levels_4_and_5():
-    pairs, _ = build_training_data(inputs(), variant("hard"), budget=100, seed=0)
-    sources = {int(p["source"][1:]) for p in pairs}
-    assert all(1 + i % 5 in (4, 5) for i in sources)
+def sources(pairs: list[dict]) -> Counter:
+    return Counter(p["source"] for p in pairs)
+
+
+def test_train_is_every_training_question_once():
+    """The paper's MATH-Train: the pool's size (300 here), whatever the budget."""
+    pairs, card = build_training_data(inputs(), variant("train", whole_pool=True), budget=9500, seed=0)
+    assert len(pairs) == 300 and sources(pairs) == Counter({f"t{i}": 1 for i in range(300)})
+    assert all(p["answer"] == f"Work it out. The answer is \\boxed{{{p['source'][1:]}}}." for p in pairs)
+    assert card["budget"] == 300 and card["budget_met"] and card["budget_from"] == "the pool"
+    assert card["origins"] == {"reference": 300}
+
+
+def test_train_at_a_budget_draws_distinct_questions():
+    pairs, card = build_training_data(inputs(), variant("train"), budget=120, seed=0)
+    assert len(pairs) == 120 and set(sources(pairs).values()) == {1}
+    assert card["budget_from"] == "data.budget"
+
+
+def test_whole_pool_is_for_train_only():
+    with pytest.raises(ValueError, match="whole_pool is for variant=train .* not 'hard'"):
+        build_training_data(inputs(), variant("hard", whole_pool=True), budget=10, seed=0)
+
+
+def test_paper_train_and_the_demos_plain_sft():
+    """conf/variant/train.yaml is the paper's whole pool; the demo keeps plain SFT at STAT's budget."""
+    assert compose_config("variant=train").variant.whole_pool
+    demo = compose_config("experiment=demo", "variant=train")
+    assert not demo.variant.whole_pool and demo.data.budget == 3200
+    pairs, card = build_training_data(inputs(train=pool(4000)), demo.variant, demo.data.budget, seed=0)
+    assert len(pairs) == 3200 and card["unique_questions"] == 3200 and card["budget_met"]
+
+
+def rewriting_teacher(tmp_path, wrong: set[str] = frozenset()):
+    """A teacher whose rewrites keep the reference's answer (but for the problems in `wrong`);
+    it counts the rewrites asked per problem."""
+    asked = Counter()
+
+    def respond(body: dict) -> str:
+        prompt = body["messages"][-1]["content"]
+        assert "Rewrite the reference solution" in prompt
+        problem = re.search(r"Training problem (\d+)", prompt).group(1)
+        asked[problem] += 1
+        answer = int(re.findall(r"\\boxed\{(\d+)\}", prompt)[0]) + (problem in wrong)
+        return f"Rewritten. \\boxed{{{answer}}}"
+
+    return asked, respond
+
+
+def local_teacher(server: TeacherServer, tmp_path):
+    cfg = OmegaConf.structured(TeacherConfig(name="local", model="openai/scripted", api_base=server.url))
+    return cache(lambda: Teacher(cfg, tmp_path))
+
+
+def test_augment_samples_the_budget_from_three_teacher_answers_a_question(tmp_path):
+    asked, respond = rewriting_teacher(tmp_path)
+    with TeacherServer(respond) as server:
+        data = inputs(local_teacher(server, tmp_path), train=pool(30))
+        pairs, card = build_training_data(data, variant("augment"), budget=40, seed=0)
+        assert len(pairs) == 40 and card["origins"] == {"rewrite": 40}
+        # Only the questions drawn are rewritten, each 3 times; none brings more than its 3 answers.
+        assert set(asked.values()) == {3} and len(asked) == len(sources(pairs)) and max(sources(pairs).values()) <= 3
+        everything, card = build_training_data(data, variant("augment"), budget=500, seed=0)
+    assert len(everything) == 90 and sources(everything) == Counter({f"t{i}": 3 for i in range(30)})
+    assert card["details"]["exhausted"] == "every pair of the pool's 30 questions x 3 answers is used"
+
+
+def test_hard_is_levels_4_and_5_with_three_answers_each(tmp_path):
+    asked, respond = rewriting_teacher(tmp_path, wrong={"3"})
+    with TeacherServer(respond) as server:
+        data = inputs(local_teacher(server, tmp_path), train=pool(30))
+        pairs, card = build_training_data(data, variant("hard"), budget=1000, seed=0)
+    # Levels 1 + i % 5 in (4, 5): 12 of 30 questions; the reference and 2 rewrites each, but t3's
+    # rewrites change its answer and are dropped.
+    hard = {f"t{i}" for i in range(30) if 1 + i % 5 in (4, 5)}
+    assert sources(pairs) == Counter({q: 1 if q == "t3" else 3 for q in hard})
+    assert card["origins"] == {"reference": 12, "rewrite": 22} and card["details"]["rejected_rewrites"]["wrong_answer"] == 2
+    sampled, _ = build_training_data(inputs(train=pool(30)), variant("hard", answers="reference"), budget=5, seed=0)
+    assert len(sampled) == 5 and set(sources(sampled)) <= hard
 
 
 def test_budget_shortfall_is_reported(caplog):
     caplog.set_level(logging.WARNING)
-    pairs, card = build_training_data(inputs(), variant("train", max_passes=2), budget=10_000, seed=0)
-    assert len(pairs) == 600 and not card["budget_met"]
-    assert "made 600 of the 10000 pairs" in caplog.text
+    pairs, card = build_training_data(inputs(), variant("train"), budget=10_000, seed=0)
+    assert len(pairs) == 300 and not card["budget_met"]
+    assert "made 300 of the 10000 pairs asked for: every pair of the pool's 300 questions x 1 answers is used" in caplog.text
+
+
+# embed_sel and embed_syn with a ranking fixed by hand: difficult question v0's nearest training
+# questions are t0, t1, t2, ... in order; v1's are t4 (shared with v0), then t10, t11, t12, ...
+RANKS = [list(range(40)), [4] + list(range(10, 40)) + [0, 1, 2, 3] + list(range(5, 10))]
+
+
+@pytest.fixture
+def ranked(monkeypatch):
+    def nearest(queries, corpus, model_name, k, *, trust_remote_code):
+        assert len(queries) == 2 and len(corpus) == 40 and model_name == VariantConfig.embedding_model
+        assert trust_remote_code
+        return [r[:k] for r in RANKS]
+
+    monkeypatch.setattr(select, "nearest_neighbours", nearest)
+    monkeypatch.setattr(synth, "nearest_neighbours", nearest)
+
+
+def two_difficult(teacher=None) -> DataInputs:
+    data = inputs(teacher, train=pool(40))
+    data.difficult = [{"id": "v0", "problem": "Hard problem 0", "subject": "Algebra"},
+                      {"id": "v1", "problem": "Hard problem 1", "subject": "Algebra"}]
+    return data
+
+
+FIRST_PASS = {f"t{i}" for i in [0, 1, 2, 3, 4, 10, 11, 12, 13]}  # v0: t0-t4; v1: t4 is taken, so t10-t13
+SECOND_PASS = {f"t{i}" for i in [5, 6, 7, 8, 9, 14, 15, 16, 17, 18]}
+
+
+def test_embed_sel_takes_the_five_nearest_with_three_answers_each(ranked, tmp_path):
+    asked, respond = rewriting_teacher(tmp_path)
+    with TeacherServer(respond) as server:
+        pairs, card = build_training_data(two_difficult(local_teacher(server, tmp_path)), variant("embed_sel"),
+                                          budget=27, seed=0)
+    assert sources(pairs) == Counter({q: 3 for q in FIRST_PASS})  # 9 questions x (reference + 2 rewrites)
+    assert card["details"]["passes"] == 1 and card["budget_met"]
+
+
+def test_embed_sel_later_passes_take_the_next_nearest_never_the_same_pairs(ranked):
+    pairs, card = build_training_data(two_difficult(), variant("embed_sel", answers="reference"), budget=12, seed=0)
+    drawn = sources(pairs)
+    assert set(drawn.values()) == {1}  # no pair twice
+    assert FIRST_PASS <= set(drawn) and len(set(drawn) & SECOND_PASS) == 3  # the nearer pass whole, then 3 more
+    assert card["details"]["passes"] == 2
+    # The 3 are sampled from the second pass, not its first 3 in order.
+    thirds = {frozenset(set(sources(build_training_data(two_difficult(), variant("embed_sel", answers="reference"),
+                                                        budget=12, seed=seed)[0])) & SECOND_PASS) for seed in range(5)}
+    assert len(thirds) > 1
+
+
+def test_embed_sel_stops_when_the_neighbours_run_out(ranked, caplog):
+    caplog.set_level(logging.INFO)
+    pairs, card = build_training_data(two_difficult(), variant("embed_sel", answers="reference"), budget=1000, seed=0)
+    assert sources(pairs) == Counter({f"t{i}": 1 for i in range(40)})  # every training question once
+    # Pass p takes v0's t(5p)..t(5p+4) and v1's next 5: v1 reaches t39 in pass 7 (t4, then t10..t13 + 5 x 6).
+    assert card["details"]["passes"] == 7 and not card["budget_met"]
+    assert "embed_sel stops after 7 passes with 40 pairs: every difficult question's nearest training questions" \
+        in caplog.text
+
+
+def test_embed_syn_writes_five_questions_from_different_groups_of_three_nearest(ranked, tmp_path):
+    groups = Counter()
+
+    def respond(body: dict) -> str:
+        prompt = body["messages"][-1]["content"]
+        if "NEW problems" in prompt:
+            assert "Write 1 NEW problems" in prompt
+            shown = tuple(sorted(int(n) for n in re.findall(r"Training problem (\d+)", prompt)))
+            groups[shown] += 1
+            return f"<question>New question from {shown}?</question>"
+        return "Solved. \\boxed{7}"
+
+    with TeacherServer(respond) as server:
+        pairs, card = build_training_data(two_difficult(local_teacher(server, tmp_path)), variant("embed_syn"),
+                                          budget=30, seed=0)
+    v0 = [g for g in groups if set(g) <= {0, 1, 2, 3, 4}]
+    v1 = [g for g in groups if set(g) <= {4, 10, 11, 12, 13}]
+    # 5 different groups of 3 of each difficult question's 5 nearest, each asked once.
+    assert len(v0) == len(v1) == 5 and len(groups) == 10 and set(groups.values()) == {1}
+    assert all(len(g) == 3 for g in groups)
+    # 10 new questions x 3 agreeing solutions: the budget of 30 in one pass.
+    assert card["details"]["kept_questions"] == 10 and card["details"]["passes"] == 1
+    assert len(pairs) == 30 and Counter(p["question"] for p in pairs).most_common(1)[0][1] == 3
+
+
+def test_embed_syn_needs_enough_groups(ranked):
+    with pytest.raises(ValueError, match=r"groups_per_question \(11\) needs .* examples_per_pair \(3\)"):
+        build_training_data(two_difficult(), variant("embed_syn", groups_per_question=11), budget=10, seed=0)
 
 
 def test_agreeing_solutions_keeps_exactly_the_largest_group_of_two_or_more():
@@ -145,5 +309,8 @@ def test_embed_sel_draws_the_nearest_training_questions(tmp_path, tiny_model_dir
     # Difficult questions that are copies of training questions: their nearest neighbour is that question.
     data.difficult = [{"id": "v0", "problem": data.train[17]["problem"]}, {"id": "v1", "problem": data.train[205]["problem"]}]
     cfg = variant("embed_sel", neighbours=1, answers="reference", embedding_model=str(tmp_path / "encoder"))
-    pairs, card = build_training_data(data, cfg, budget=10, seed=0)
+    # Each one's nearest neighbour is its copy; a budget of 10 takes 8 more in later passes, none twice.
+    pairs, card = build_training_data(data, cfg, budget=2, seed=0)
     assert {p["source"] for p in pairs} == {"t17", "t205"} and card["budget_met"]
+    pairs, card = build_training_data(data, cfg, budget=10, seed=0)
+    assert {"t17", "t205"} <= set(sources(pairs)) and len(sources(pairs)) == 10 and card["budget_met"]

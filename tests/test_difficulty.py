@@ -97,6 +97,29 @@ def test_length():
     ]
 
 
+@pytest.mark.parametrize(
+    ("lengths", "difficult", "words", "response"),
+    [
+        ([1000, 600, 800, 800, 800], True, 800, 0),  # (1000 + 600 + 3 x 800) / 5 = 800: at the threshold
+        ([1000, 600, 800, 800, 799], False, 799.8, 0),  # one word short on average, though two answers reach 800
+        ([100, 100, 3500, 100, 200], True, 800, 2),  # one very long answer carries the mean; it is diagnosed
+        ([799, 799, 799, 799, 799], False, 799, 0),
+    ],
+)
+def test_length_averages_over_samples(lengths, difficult, words, response):
+    [verdict] = classify([record(["1"] * 5, responses=["w " * n for n in lengths])], DifficultyConfig(name="length"))
+    assert verdict == {"difficult": difficult, "response": response, "words": words}
+
+
+def test_consistency_over_five_samples():
+    """Appendix E.1: 5 samples; difficult when the most common answer appears fewer than 2 times."""
+    cfg = DifficultyConfig(name="consistency", samples=5)
+    verdicts = classify([record(["1", "2", "3", "4", "5"]), record(["1", "2", "3", "4", "1"]),
+                         record([None, None, "3", "4", "5"])], cfg)
+    assert [(v["difficult"], v["majority_count"], v["response"]) for v in verdicts] == [
+        (True, 1, 1), (False, 2, 1), (True, 1, 0)]
+
+
 def test_unknown_classifier():
     with pytest.raises(ValueError, match=r"'vibes'.*prm, outcome, consistency, length"):
         classify([record(["4"])], DifficultyConfig(name="vibes"))
@@ -310,8 +333,9 @@ def test_every_classifier_has_a_config_that_composes():
     for name in names:
         cfg = compose_config(f"difficulty={name}")
         assert cfg.difficulty.name == name
-        if name == "consistency":
-            # Sampled answers must vary, and there must be enough of them to agree.
-            assert cfg.difficulty.samples >= cfg.difficulty.min_agreement and cfg.difficulty.temperature > 0
+        if name in ("consistency", "length"):
+            # Appendix E.1: 5 sampled answers, which must be able to differ.
+            assert cfg.difficulty.samples == 5 and cfg.difficulty.temperature > 0
+            assert cfg.difficulty.min_agreement == 2 and cfg.difficulty.min_words == 800
         else:
             assert cfg.difficulty.samples == 1 and cfg.difficulty.temperature == 0.1

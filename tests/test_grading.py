@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from stat_exp import grading
-from stat_exp.grading import Grade, extract_boxed, grade, normalize_answer, strict_match, verify_answer
+from stat_exp.grading import (
+    Grade,
+    extract_boxed,
+    grade,
+    normalize_answer,
+    normalize_notation,
+    strict_match,
+    verify_answer,
+)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Parsed and compared quickly; math-verify's timeouts (signal.alarm, whole seconds) stop it.
@@ -50,7 +58,7 @@ def test_extract_boxed(text, expected):
         ("27", "$27$."),
         ("90", r"90^\circ"),
         ("90", r"90^{\circ}"),
-        (r"10\text{ cm}", "10 cm"),
+        (r"10\text{ cm}", "10"),
         (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),
         (r"3\,000", "3000"),
         (r"x\!+\!1", "x + 1"),
@@ -73,6 +81,75 @@ def test_strict_match_ignores_notation(gold, pred):
 )
 def test_strict_match_is_strict(gold, pred):
     assert not strict_match(gold, pred)
+
+
+# The notation the standard MATH harnesses ignore, each case from their code: Hendrycks et al.'s
+# `is_equiv` (modeling/math_equivalence.py, `_strip_string`), Qwen2.5-Math's `strip_string` and
+# `choice_answer_clean` (evaluation/parser.py, grader.py) and lm-eval's minerva_math
+# `normalize_final_answer` (lm_eval/tasks/minerva_math/utils.py). Both metrics accept them.
+HARNESS_EQUIVALENT = [
+    (r"25\%", "25"),  # Hendrycks, Qwen: "remove percentage" (`\%` and `%`)
+    ("25", "25%"),
+    (r"10\text{ cm}", "10"),  # Hendrycks `_remove_right_units`: `\text{ ` only ever describes units
+    (r"5\text{ inches}", r"5\mbox{ inches}"),  # Qwen: a trailing `\text{...}` unit; minerva: mbox is text
+    (r"12\text{ cm}^2", "12"),  # minerva: `\text{}^2` removed
+    (r"10{,}000", "10000"),  # minerva: "{,}" removed
+    ("100,000", "100000"),  # minerva: "Normalize 100,000 -> 100000"
+    (r"30^\circ", "30"),  # Hendrycks, Qwen, minerva: "Remove circ (degrees)"
+    (r"30^{\circ}", "30"),
+    (r"\$18.90", "18.90"),  # Hendrycks, Qwen, minerva: "remove dollar signs"
+    (r"3\!000", "3000"),  # Hendrycks, Qwen: "remove inverse spaces"
+    (r"\dfrac{3}{4}", r"\frac{3}{4}"),  # Hendrycks, Qwen: "replace tfrac and dfrac with frac"
+    (r"\tfrac{3}{4}", r"\frac34"),  # and Hendrycks' `_fix_fracs`: \frac34 is \frac{3}{4}
+    (r"\text{(B)}", "B"),  # Qwen `choice_answer_clean`: the letter of a multiple-choice answer
+    (r"\text{(B)}", "(B)"),
+    (r"\textbf{(C)}", "C"),
+    ("(E)", r"\text{E}"),
+]
+
+
+@pytest.mark.parametrize(("gold", "pred"), HARNESS_EQUIVALENT)
+def test_harness_notation_is_right_by_both_metrics(gold, pred):
+    assert strict_match(gold, pred) and strict_match(pred, gold)
+    assert verify_answer(gold, pred) and verify_answer(pred, gold)
+
+
+@pytest.mark.parametrize(
+    ("gold", "pred"),
+    [
+        (r"25\%", "0.25"),  # Qwen's `include_percentage` accepts it; we do not (see the README)
+        ("1,2", "12"),  # a list, not a thousands separator (minerva would join it)
+        ("10,00", "1000"),  # not groups of three digits
+        (r"\text{(B)}", "C"),
+        (r"(B)", r"\text{(D)}"),
+        (r"10\text{ cm}", "100"),
+        (r"x\text{-axis}", "x"),  # not a unit: the text stays
+    ],
+)
+def test_harness_notation_keeps_what_differs(gold, pred):
+    assert not strict_match(gold, pred)
+
+
+@pytest.mark.parametrize(
+    ("answer", "normalized"),
+    [
+        (r"\$1{,}000.50", "1000.50"),
+        (r"45\%", "45"),
+        (r"\left( 3, \frac{\pi}{2} \right)", r"\left( 3, \frac{\pi}{2} \right)"),  # math is left alone
+        (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}"),  # `\\` is a row break
+        (r"\text{Evelyn}", r"\text{Evelyn}"),  # a text answer is no unit
+        (r"7\text{th}", "7"),
+        (r"(1,2)", "(1,2)"),
+        ("B", "B"),
+        ("(b)", "(b)"),  # choices are capitals: (b) may be an interval's name or a variable
+    ],
+)
+def test_normalize_notation(answer, normalized):
+    assert normalize_notation(answer) == normalized
+
+
+def test_grade_accepts_25_for_a_gold_25_percent():
+    assert grade([r"25\%", r"25\%"], ["25", "26"], progress=False) == [Grade(True, True), Grade(False, False)]
 
 
 def test_normalize_answer():

@@ -5,7 +5,7 @@ from helpers import ROOT, compose_config
 
 from stat_exp.config import ModelConfig, RLConfig
 from stat_exp.rewards import REWARDS
-from stat_exp.student.grpo import GRPOBatch, grpo_batch, grpo_dataset, train_grpo
+from stat_exp.student.grpo import GRPOBatch, grpo_args, grpo_batch, grpo_dataset, train_grpo
 from stat_exp.student.models import chat_messages, load_tokenizer
 
 MODEL = ModelConfig(name="tiny", dtype="float32")
@@ -16,6 +16,7 @@ def small(rewards: list[str]) -> RLConfig:
     """Two optimizer steps of 2 questions x 4 samples of 8 tokens; a learning rate that visibly moves weights."""
     return RLConfig(
         name="grpo", learning_rate=1e-3, num_generations=4, max_completion_length=8, questions_per_batch=2,
+        questions_per_update=2,
         max_steps=2, logging_steps=1, rewards=rewards, bf16=False,
     )
 
@@ -62,28 +63,44 @@ def test_constant_rewards_leave_the_policy_alone(
 
 
 def test_batch_arithmetic() -> None:
-    # The paper on one GPU: 256 questions x 4 samples = 1024 completions per optimizer step.
-    assert grpo_batch(256, 4, 1) == GRPOBatch(per_device=4, accumulation=256, generation=1024)
-    assert grpo_batch(256, 4, 8) == GRPOBatch(per_device=4, accumulation=32, generation=1024)
+    # The paper on one GPU: 256 questions x 4 samples a round, 64 questions (256 completions) an update.
+    assert grpo_batch(256, 64, 4, 1) == GRPOBatch(per_device=4, accumulation=64, generation=1024)
+    assert grpo_batch(256, 64, 4, 8) == GRPOBatch(per_device=4, accumulation=8, generation=1024)
     with pytest.raises(ValueError, match="multiple of the number of processes"):
-        grpo_batch(100, 4, 8)
+        grpo_batch(256, 60, 4, 8)
+    with pytest.raises(ValueError, match=r"questions_per_batch \(100\) must be a positive multiple of questions_per_update \(64\)"):
+        grpo_batch(100, 64, 4, 1)
     with pytest.raises(ValueError, match="at least 2"):
-        grpo_batch(256, 1, 1)
+        grpo_batch(256, 64, 1, 1)
 
 
-def test_batch_arithmetic_matches_trl() -> None:
-    """TRL derives one generation round per optimizer step from our settings."""
-    from trl import GRPOConfig
+CPU = {"use_cpu": True, "bf16": False, "activation_checkpointing": False}
 
-    batch = grpo_batch(6, 4, 1)
-    args = GRPOConfig(
-        output_dir="unused", use_cpu=True, bf16=False, activation_checkpointing=False, num_generations=4,
-        report_to="none",
-        per_device_train_batch_size=batch.per_device, gradient_accumulation_steps=batch.accumulation,
-        generation_batch_size=batch.generation,
-    )
-    assert args.steps_per_generation == args.gradient_accumulation_steps == 6
-    assert args.generation_batch_size // args.num_generations == 6  # questions per step
+
+def updates_per_round(args) -> float:
+    """Gradient updates TRL makes on one generation round: its passes (steps_per_generation, each
+    num_iterations times) over the passes per update (gradient_accumulation_steps)."""
+    return args.steps_per_generation * args.num_iterations / args.gradient_accumulation_steps
+
+
+def test_paper_defaults_give_four_updates_per_round(tmp_path: Path) -> None:
+    """Read off TRL's own config: 256 questions x 4 rollouts a round, 4 updates of 64 questions."""
+    args = grpo_args(RLConfig(name="grpo"), tmp_path, settings=CPU, model_init_kwargs={}, use_vllm=False,
+                     report_to="none")
+    assert updates_per_round(args) == 4
+    assert args.generation_batch_size == 1024 and args.generation_batch_size // args.num_generations == 256
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 256  # 64 questions x 4 an update
+    assert (args.learning_rate, args.lr_scheduler_type, args.beta, args.max_completion_length, args.num_train_epochs) \
+        == (5e-7, "constant", 0.0, 2048, 6.0)
+
+
+def test_scaled_down_round(tmp_path: Path) -> None:
+    """12 questions x 2 rollouts a round in updates of 4 questions: 3 updates of 4 passes each."""
+    cfg = RLConfig(name="grpo", num_generations=2, questions_per_batch=12, questions_per_update=4)
+    args = grpo_args(cfg, tmp_path, settings=CPU, model_init_kwargs={}, use_vllm=False, report_to="none")
+    assert updates_per_round(args) == 3
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.generation_batch_size) == (2, 4, 24)
+    assert args.steps_per_generation == 12
 
 
 def test_dataset_keeps_the_answer(tiny_model_dir: Path) -> None:
@@ -95,5 +112,5 @@ def test_dataset_keeps_the_answer(tiny_model_dir: Path) -> None:
 def test_rl_configs_compose(name: str) -> None:
     cfg = compose_config(f"rl={name}").rl
     assert cfg.name == name
-    grpo_batch(cfg.questions_per_batch, cfg.num_generations, 1)
+    grpo_batch(cfg.questions_per_batch, cfg.questions_per_update, cfg.num_generations, 1)
     assert set(cfg.rewards) <= set(REWARDS)

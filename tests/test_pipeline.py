@@ -69,7 +69,7 @@ def test_cli_runs_then_reuses_every_stage(tmp_path):
 
 def test_grpo_on_the_base_model_is_evaluated_before_and_after(tmp_path):
     cfg = small_config(tmp_path, "logger=none", "eval.limit=2", "variant=none", "rl=grpo", "rl.max_steps=1",
-                       "rl.num_generations=2", "rl.questions_per_batch=2", "rl.max_completion_length=8",
+                       "rl.num_generations=2", "rl.questions_per_batch=2", "rl.questions_per_update=2", "rl.max_completion_length=8",
                        "rl.learning_rate=1e-3", "rl.bf16=false", "task.val_size=10")
     metrics = run(cfg, tmp_path / "run")
     assert set(metrics["eval"]) == {"base", "rl"} and metrics["train"]["rl"]["steps"] == 1

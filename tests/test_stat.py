@@ -1,13 +1,15 @@
 """The STAT loop through the CLI: a multirun over variants shares every upstream stage."""
 
 import json
+import logging
 import re
 import threading
 from collections import Counter
 
 import pytest
 
-from helpers import run_cli
+from helpers import compose_config, run_cli
+from stat_exp.pipeline import round_validation
 from teacher_server import TeacherServer
 from wandb_records import logged
 
@@ -19,6 +21,7 @@ class ScriptedTeacher:
 
     def __init__(self):
         self.kinds = Counter()
+        self.diagnosed = Counter()  # diagnosis requests by problem number
         self._lock = threading.Lock()
 
     def __call__(self, body: dict) -> str:
@@ -26,6 +29,8 @@ class ScriptedTeacher:
         kind, answer = self._answer(prompt)
         with self._lock:
             self.kinds[kind] += 1
+            if kind == "diagnosis":
+                self.diagnosed[int(re.search(r"Problem (\d+)", prompt).group(1))] += 1
         return answer
 
     @staticmethod
@@ -111,7 +116,7 @@ def test_multirun_sel_and_train_fine_tunes_and_evaluates_before_and_after(tmp_pa
     teacher = ScriptedTeacher()
     run_sweep(teacher, math_like_data, tmp_path, "variant=sel,train", "eval.benchmarks=[math500]", "eval.limit=4",
               "eval.max_tokens=8", "data.budget=16", "sft=lora", "sft.max_steps=2", "sft.logging_steps=1",
-              "sft.max_length=128", "stat.rounds=2", "experiment_name=sft_sweep")
+              "sft.max_length=128", "stat.rounds=2", "stat.round_val=math500", "experiment_name=sft_sweep")
 
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     metrics = [json.loads((j / "metrics.json").read_text()) for j in jobs]
@@ -127,6 +132,12 @@ def test_multirun_sel_and_train_fine_tunes_and_evaluates_before_and_after(tmp_pa
         assert set(m["summary"]["math500"]) == {"base", "sft"}
         assert m["train"]["sft1"]["steps"] == m["train"]["sft2"]["steps"] == 2  # two STAT rounds
         assert {"base", "round2", "after"} <= set(m["profile"])  # each round's profile is logged
+    # The continual variant: round 2 profiles each job's student on math500 (problems 100-105), not on
+    # the validation questions (problems 0-39), which only the base and after profiles diagnose.
+    round2 = [m["difficulty"]["round2"]["val"] for m in metrics]
+    assert all(r["questions"] == 6 for r in round2) and sum(r["difficult"] for r in round2) >= 1
+    assert {p for p in teacher.diagnosed if p >= 40} <= set(range(100, 106))
+    assert any(p >= 100 for p in teacher.diagnosed) and any(p < 40 for p in teacher.diagnosed)
     runs = [logged(j) for j in jobs]
     assert [r["group"] for r in runs] == ["sft_sweep", "sft_sweep"]
     assert [r["job_type"] for r in runs] == ["sel", "train"]
@@ -135,3 +146,15 @@ def test_multirun_sel_and_train_fine_tunes_and_evaluates_before_and_after(tmp_pa
     assert {r["config"]["variant"]["name"] for r in runs} == {"sel", "train"}
     assert all(any("train/loss" in h for h in r["history"]) for r in runs)  # TRL's curve in the job's run
     assert (jobs[0] / "profile_before_after.png").exists()
+
+
+def test_round_validation_names_a_benchmark_or_probes_val_again(math_like_data, caplog):
+    caplog.set_level(logging.INFO)
+    val = [{"id": "v"}]
+    cfg = compose_config(f"task.data_dir={math_like_data}", "stat.rounds=2", "stat.round_val=math500")
+    assert [r["id"] for r in round_validation(cfg, val)] == [f"test/{i}" for i in range(100, 106)]
+    assert "rounds after the first build their profile on math500 (6 questions)" in caplog.text
+    assert round_validation(compose_config("stat.rounds=2"), val) is val
+    assert "stat.round_val is null: rounds after the first probe the same 1 validation questions again" in caplog.text
+    with pytest.raises(ValueError, match="unknown benchmark 'math_perturb_hard'"):
+        round_validation(compose_config(f"task.data_dir={math_like_data}", "stat.round_val=math_perturb_hard"), val)

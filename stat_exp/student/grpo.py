@@ -1,17 +1,18 @@
 """Reinforcement learning after SFT (STAT step 8) with TRL's GRPOTrainer and rewards from `stat_exp.rewards`.
 
-Batch arithmetic. TRL 1.16 counts every batch in completions, not questions:
+Batch arithmetic, as the paper: each round samples Q = 256 questions x G = 4 rollouts, and
+spends them on Q / M = 4 gradient updates of M = 64 questions each (mini-batches), every
+completion used once. TRL 1.16 counts every batch in completions, not questions:
 - `per_device_train_batch_size` (B): completions in one forward/backward pass on one process;
-- `gradient_accumulation_steps` (A): passes per optimizer step, so one step sees B * A * P
+- `gradient_accumulation_steps` (A): passes per gradient update, so one update sees B * A * P
   completions over P processes;
-- `generation_batch_size` (global, defaults to B * P * A): completions sampled in one round, as
-  generation_batch_size / num_generations questions times num_generations samples each; TRL
-  derives `steps_per_generation` = generation_batch_size / (B * P) passes to spend them on.
-So with generation_batch_size = Q * G and B * A * P = Q * G, one round of Q questions x G
-samples feeds exactly one optimizer step (steps_per_generation = A; with TRL's default
-num_iterations = 1 each completion is used once, on-policy). We take B = G, one question's
-group per pass, hence A = Q / P: the paper's 256 questions x 4 samples on one GPU are 256
-passes of 4 completions per step. `grpo_batch` computes this.
+- `generation_batch_size` (global): completions sampled in one round; TRL derives
+  `steps_per_generation` = generation_batch_size / (B * P) passes to spend them on, and samples
+  again after `steps_per_generation * num_iterations` passes (`num_iterations` = 1: each
+  completion is used once).
+So a round feeds steps_per_generation / A = Q / M updates. We take B = G, one question's group
+per pass, hence A = M / P and generation_batch_size = Q * G: on one GPU, 64 passes of 4
+completions per update and 256 passes per round. `grpo_batch` computes this.
 
 Without vLLM, transformers samples a process's whole round (Q * G / P completions) in one
 `generate` call; at the paper's 1024 completions of up to 2048 tokens that KV cache outgrows a
@@ -33,25 +34,31 @@ from stat_exp.student.sft import device_settings, model_revision, training_promp
 
 @dataclass(frozen=True)
 class GRPOBatch:
-    """TRL's batch settings for `questions_per_batch` questions x `num_generations` samples per optimizer step."""
+    """TRL's batch settings for rounds of `questions_per_batch` questions x `num_generations` samples."""
 
     per_device: int  # per_device_train_batch_size: completions per forward/backward pass
-    accumulation: int  # gradient_accumulation_steps: passes per optimizer step, per process
+    accumulation: int  # gradient_accumulation_steps: passes per gradient update, per process
     generation: int  # generation_batch_size: completions sampled per round, all processes together
 
 
-def grpo_batch(questions_per_batch: int, num_generations: int, world_size: int) -> GRPOBatch:
-    """One question's group of completions per pass; enough passes that a step covers all the questions."""
+def grpo_batch(questions_per_batch: int, questions_per_update: int, num_generations: int,
+               world_size: int) -> GRPOBatch:
+    """One question's group of completions per pass; enough passes that an update covers its mini-batch."""
     if num_generations < 2:
         raise ValueError(f"GRPO needs at least 2 generations per question, got {num_generations}")
-    if questions_per_batch < 1 or questions_per_batch % world_size:
+    if questions_per_update < 1 or questions_per_update % world_size:
         raise ValueError(
-            f"questions_per_batch ({questions_per_batch}) must be a positive multiple of the number of "
+            f"questions_per_update ({questions_per_update}) must be a positive multiple of the number of "
             f"processes ({world_size})"
+        )
+    if questions_per_batch < 1 or questions_per_batch % questions_per_update:
+        raise ValueError(
+            f"questions_per_batch ({questions_per_batch}) must be a positive multiple of questions_per_update "
+            f"({questions_per_update})"
         )
     return GRPOBatch(
         per_device=num_generations,
-        accumulation=questions_per_batch // world_size,
+        accumulation=questions_per_update // world_size,
         generation=questions_per_batch * num_generations,
     )
 
@@ -62,6 +69,41 @@ def grpo_dataset(rows: Sequence[dict], tokenizer: Any, model_cfg: ModelConfig) -
 
     return Dataset.from_list(
         [{"prompt": training_prompt(tokenizer, row["problem"], model_cfg), "answer": row["answer"]} for row in rows]
+    )
+
+
+def grpo_args(cfg: RLConfig, out_dir: Path, *, settings: dict, model_init_kwargs: dict, use_vllm: bool,
+              report_to: str) -> Any:
+    """TRL's GRPOConfig for `cfg` on this process group (`settings` from `device_settings`)."""
+    from trl import GRPOConfig
+
+    # WORLD_SIZE is set by accelerate launch and torchrun; a plain run is one process.
+    batch = grpo_batch(cfg.questions_per_batch, cfg.questions_per_update, cfg.num_generations,
+                       int(os.environ.get("WORLD_SIZE", "1")))
+    return GRPOConfig(
+        output_dir=str(out_dir),
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        beta=cfg.beta,
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=batch.per_device,
+        gradient_accumulation_steps=batch.accumulation,
+        num_iterations=1,  # each completion is used once: the round's updates are its mini-batches
+        generation_batch_size=batch.generation,
+        reward_weights=list(cfg.reward_weights) if cfg.reward_weights is not None else None,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        bf16=settings["bf16"],
+        use_cpu=settings["use_cpu"],
+        activation_checkpointing=settings["activation_checkpointing"],  # transformers 5's gradient_checkpointing
+        model_init_kwargs=model_init_kwargs,
+        use_vllm=use_vllm,
+        save_strategy="no",  # out_dir/model is written below
+        report_to=report_to,
     )
 
 
@@ -82,7 +124,7 @@ def train_grpo(
     entry per logged step), steps and seconds. A question whose samples all score alike has
     zero advantage and teaches nothing; `zero_std_fractions` shows how many did.
     """
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     if not rows:
         raise ValueError("no training rows")
@@ -91,37 +133,13 @@ def train_grpo(
     )
     if use_vllm and settings["use_cpu"]:
         raise ValueError("use_vllm needs a GPU")
-    # WORLD_SIZE is set by accelerate launch and torchrun; a plain run is one process.
-    batch = grpo_batch(cfg.questions_per_batch, cfg.num_generations, int(os.environ.get("WORLD_SIZE", "1")))
     revision = model_revision(model_path, model_cfg)
     tokenizer = load_tokenizer(model_path, revision)
     model_init_kwargs: dict[str, Any] = {"dtype": settings["dtype"]}
     if revision is not None:
         model_init_kwargs["revision"] = revision
-    args = GRPOConfig(
-        output_dir=str(out_dir),
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        beta=cfg.beta,
-        num_generations=cfg.num_generations,
-        max_completion_length=cfg.max_completion_length,
-        temperature=cfg.temperature,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=batch.per_device,
-        gradient_accumulation_steps=batch.accumulation,
-        generation_batch_size=batch.generation,
-        reward_weights=list(cfg.reward_weights) if cfg.reward_weights is not None else None,
-        logging_steps=cfg.logging_steps,
-        seed=cfg.seed,
-        bf16=settings["bf16"],
-        use_cpu=settings["use_cpu"],
-        activation_checkpointing=settings["activation_checkpointing"],  # transformers 5's gradient_checkpointing
-        model_init_kwargs=model_init_kwargs,
-        use_vllm=use_vllm,
-        save_strategy="no",  # out_dir/model is written below
-        report_to=report_to,
-    )
+    args = grpo_args(cfg, out_dir, settings=settings, model_init_kwargs=model_init_kwargs, use_vllm=use_vllm,
+                     report_to=report_to)
     trainer = GRPOTrainer(
         model=model_path,
         reward_funcs=get_rewards(cfg.rewards),
