@@ -416,8 +416,9 @@ def training_data(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Call
     tracker.table("data/skills", ["skill", "pairs", "profile"],
                   [[s, card["skill_histogram"].get(s, 0), profile_f.get(s, 0)]
                    for s in dict.fromkeys([*profile_f, *card["skill_histogram"]])])
-    tracker.table("data/sample", ["question", "answer", "skills", "origin"],
-                  [[p["question"], p["answer"], ", ".join(p["skills"]), p["origin"]] for p in artifact.rows()[:20]])
+    tracker.table("data/sample", ["question", "answer", "skills", "origin", "lineage"],
+                  [[p["question"], p["answer"], ", ".join(p["skills"]), p["origin"], json.dumps(p["lineage"])]
+                   for p in artifact.rows()[:20]])
     _log_teacher_usage(tracker, artifact)
     log.info("data (%s): %d pairs of the %d budget, %d unique questions, origins %s", v.name, card["pairs"],
              card["budget"], card["unique_questions"], card["origins"])

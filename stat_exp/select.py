@@ -23,10 +23,23 @@ from stat_exp.teacher.prompts import render
 
 log = logging.getLogger(__name__)
 
-Pair = dict  # a training row: question, answer, source, skills, origin
+Pair = dict  # a training row: question, answer, source, skills, origin, lineage
 
 
-def pair(question: str, answer: str, *, source: str, skills: Sequence[str], origin: str) -> Pair:
+def lineage(rule: str, *, difficult: Sequence[str] = (), skill: str | None = None, seeds: Sequence[str] = (),
+            agreeing: int | None = None, rank: int | None = None, similarity: float | None = None) -> dict:
+    """Why a pair is in the data, with the same keys on every row (None or [] where the rule has no such reason).
+
+    rule: the variant that chose it; difficult: the difficult validation question(s) that drew
+    it; skill: the missing skill it was drawn or written for; seeds: the training questions the
+    teacher was shown to write it; agreeing: how many of its solutions agreed; rank and
+    similarity: its place among a difficult question's nearest training questions (1 = nearest).
+    """
+    return {"rule": rule, "difficult_ids": list(difficult), "skill": skill, "seed_ids": list(seeds),
+            "agreeing": agreeing, "rank": rank, "similarity": similarity}
+
+
+def pair(question: str, answer: str, *, source: str, skills: Sequence[str], origin: str, why: dict) -> Pair:
     return {
         "question": question,
         "answer": answer,
@@ -34,6 +47,7 @@ def pair(question: str, answer: str, *, source: str, skills: Sequence[str], orig
         "skills": list(skills),
         "origin": origin,  # reference | rewrite | synthetic
         "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+        "lineage": why,
     }
 
 
@@ -77,10 +91,11 @@ class Answers:
                     kept.append(reply.parsed)
             self.rewrites[row["id"]] = kept
 
-    def of(self, row: dict, skills: Sequence[str]) -> list[Pair]:
+    def of(self, row: dict, skills: Sequence[str], why: dict) -> list[Pair]:
         answers = ([(row["solution"], "reference")] if self.mode != "rewrite" else [])
         answers += [(text, "rewrite") for text in self.rewrites.get(row["id"], [])]
-        return [pair(row["problem"], text, source=row["id"], skills=skills, origin=origin) for text, origin in answers]
+        return [pair(row["problem"], text, source=row["id"], skills=skills, origin=origin, why=why)
+                for text, origin in answers]
 
 
 def fill(draw_pass: Callable[[int], list[Pair]], budget: int, max_passes: int, rng: random.Random) -> tuple[list[Pair], int]:
@@ -114,18 +129,20 @@ def stat_sel(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tup
 
     def draw_pass(_: int) -> list[Pair]:
         draws = []
-        for _, skill in pairs_:
+        for question, skill in pairs_:
             pool = by_skill[skill]
-            draws += [(row, skill) for row in rng.sample(pool, min(cfg.questions_per_pair, len(pool)))]
-        answers.fetch([row for row, _ in draws])
-        return [p for row, skill in draws for p in answers.of(row, [skill])]
+            draws += [(row, skill, question) for row in rng.sample(pool, min(cfg.questions_per_pair, len(pool)))]
+        answers.fetch([row for row, _, _ in draws])
+        return [p for row, skill, question in draws
+                for p in answers.of(row, [skill], lineage("sel", difficult=[question], skill=skill))]
 
     rows, passes = fill(draw_pass, budget, cfg.max_passes, rng)
     return rows, {"pairs_profiled": len(pairs_), "skills_without_questions": empty, "passes": passes,
                   "rejected_rewrites": answers.rejected}
 
 
-def sampled(inputs, budget: int, rng: random.Random, *, pool: Sequence[dict], answers: Answers) -> tuple[list[Pair], dict]:
+def sampled(inputs, budget: int, rng: random.Random, *, pool: Sequence[dict], answers: Answers,
+            rule: str) -> tuple[list[Pair], dict]:
     """`budget` pairs drawn without replacement from every (question, answer) of `pool`.
 
     The same draw as writing every question's answers and sampling the budget from them, at the
@@ -142,7 +159,7 @@ def sampled(inputs, budget: int, rng: random.Random, *, pool: Sequence[dict], an
         taken += len(batch)
         answers.fetch([row for row, _ in batch])
         for row, j in batch:
-            made = answers.of(row, inputs.skill_map.get(row["id"], []))
+            made = answers.of(row, inputs.skill_map.get(row["id"], []), lineage(rule))
             if j < len(made):
                 pairs.append(made[j])
     stats = {"pool": len(pool), "answers_per_question": answers.per_row, "rejected_rewrites": answers.rejected}
@@ -154,32 +171,33 @@ def sampled(inputs, budget: int, rng: random.Random, *, pool: Sequence[dict], an
 def train_baseline(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tuple[list[Pair], dict]:
     """Distinct training questions with their reference solutions (the whole pool: `build_training_data`
     sets the budget to its size for `whole_pool`)."""
-    return sampled(inputs, budget, rng, pool=inputs.train, answers=Answers(None, "reference", 1))
+    return sampled(inputs, budget, rng, pool=inputs.train, answers=Answers(None, "reference", 1), rule="train")
 
 
 def augment_baseline(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tuple[list[Pair], dict]:
     """The budget sampled from `answers_per_question` teacher answers of every training question."""
     answers = Answers(inputs.teacher, "rewrite", cfg.answers_per_question)
-    return sampled(inputs, budget, rng, pool=inputs.train, answers=answers)
+    return sampled(inputs, budget, rng, pool=inputs.train, answers=answers, rule="augment")
 
 
 def hard_baseline(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tuple[list[Pair], dict]:
     """The budget sampled from the answers (`variant.answers`) of the questions at `hard_levels`."""
     pool = [r for r in inputs.train if r.get("level") in set(cfg.hard_levels)]
     answers = Answers(inputs.teacher, cfg.answers, cfg.answers_per_question)
-    return sampled(inputs, budget, rng, pool=pool, answers=answers)
+    return sampled(inputs, budget, rng, pool=pool, answers=answers, rule="hard")
 
 
 def nearest_neighbours(queries: Sequence[str], corpus: Sequence[str], model_name: str, k: int, *,
-                       trust_remote_code: bool) -> list[list[int]]:
-    """Indices of the k corpus texts nearest each query, nearest first, by cosine similarity of sentence embeddings."""
+                       trust_remote_code: bool) -> list[list[tuple[int, float]]]:
+    """(index, cosine similarity) of the k corpus texts nearest each query, nearest first, by sentence embeddings."""
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(model_name, trust_remote_code=trust_remote_code)
     corpus_vectors = model.encode(list(corpus), normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=True)
     query_vectors = model.encode(list(queries), normalize_embeddings=True, convert_to_tensor=True)
     scores = query_vectors @ corpus_vectors.T
-    return scores.topk(min(k, len(corpus)), dim=1).indices.tolist()
+    top = scores.topk(min(k, len(corpus)), dim=1)
+    return [list(zip(indices, values)) for indices, values in zip(top.indices.tolist(), top.values.tolist())]
 
 
 def embed_sel(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tuple[list[Pair], dict]:
@@ -199,19 +217,20 @@ def embed_sel(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tu
     stats: dict = {"difficult_questions": len(queries), "questions": 0}
     passes = 0
     while len(pairs) < budget and passes < cfg.max_passes:
-        chosen = []
-        for near in ranked:
-            for i in near[passes * k:(passes + 1) * k]:
+        chosen = []  # (training row, why)
+        for difficult, near in zip(inputs.difficult, ranked):
+            for rank, (i, similarity) in enumerate(near[passes * k:(passes + 1) * k], start=passes * k + 1):
                 if i not in taken:
                     taken.add(i)
-                    chosen.append(inputs.train[i])
+                    chosen.append((inputs.train[i], lineage("embed_sel", difficult=[difficult["id"]], rank=rank,
+                                                            similarity=round(similarity, 4))))
         if not chosen:
             stats["exhausted"] = f"every difficult question's nearest training questions are taken ({len(taken)})"
             log.info("embed_sel stops after %d passes with %d pairs: %s", passes, len(pairs), stats["exhausted"])
             break
         passes += 1
-        answers.fetch(chosen)
-        new = [p for row in chosen for p in answers.of(row, inputs.skill_map.get(row["id"], []))]
+        answers.fetch([row for row, _ in chosen])
+        new = [p for row, why in chosen for p in answers.of(row, inputs.skill_map.get(row["id"], []), why)]
         rng.shuffle(new)  # nearer passes are kept whole; the last one is sampled down to the budget
         pairs += new[:budget - len(pairs)]
         stats["questions"] += len(chosen)

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from stat_exp.config import VariantConfig
 from stat_exp.grading import extract_boxed, verify_answer
-from stat_exp.select import Pair, fill, nearest_neighbours, pair, questions_by_skill
+from stat_exp.select import Pair, fill, lineage, nearest_neighbours, pair, questions_by_skill
 from stat_exp.teacher import parsers
 from stat_exp.teacher.client import Request
 from stat_exp.teacher.prompts import render
@@ -52,19 +52,20 @@ def is_near_copy(question: str, examples: Sequence[str], threshold: float) -> bo
     return any(difflib.SequenceMatcher(None, shape, _shape(e)).ratio() >= threshold for e in examples)
 
 
-def synthesize(inputs, cfg: VariantConfig, targets: list[tuple[str | None, str, list[dict]]], pass_index: int,
-               stats: dict, *, count: int) -> list[Pair]:
-    """`count` new questions, with agreeing solutions, for each (skill or None, subject, examples) target."""
+def synthesize(inputs, cfg: VariantConfig, targets: list[tuple[str | None, str, list[dict], str]], pass_index: int,
+               stats: dict, *, count: int, rule: str) -> list[Pair]:
+    """`count` new questions, with agreeing solutions, for each (skill or None, subject, examples,
+    difficult question id) target."""
     teacher = inputs.teacher()
     requests = [
         Request("synthesis", tuple(render("synthesis", skill=skill, subject=subject, count=count,
                                           examples=[{"problem": e["problem"]} for e in examples])),
                 sample=pass_index)
-        for skill, subject, examples in targets
+        for skill, subject, examples, _ in targets
     ]
     replies = teacher.ask(requests, lambda text: parsers.parse_questions(text, count), desc="writing questions")
-    questions = []  # (question, skill)
-    for (skill, _, examples), reply in zip(targets, replies):
+    questions = []  # (question, skill, why)
+    for (skill, _, examples, difficult), reply in zip(targets, replies):
         if reply.parsed is None:
             stats["unparsed_syntheses"] += 1
             continue
@@ -72,22 +73,25 @@ def synthesize(inputs, cfg: VariantConfig, targets: list[tuple[str | None, str, 
             if is_near_copy(question, [e["problem"] for e in examples], cfg.copy_threshold):
                 stats["near_copies"] += 1
             else:
-                questions.append((question, skill))
+                questions.append((question, skill, lineage(rule, difficult=[difficult], skill=skill,
+                                                           seeds=[e["id"] for e in examples])))
     solutions = teacher.ask(
         [Request("solution", tuple(render("solution", problem=q)), sample=i)
-         for q, _ in questions for i in range(cfg.solutions_per_question)],
+         for q, _, _ in questions for i in range(cfg.solutions_per_question)],
         parsers.parse_solution,
         desc="solving new questions",
     )
     rows = []
-    for n, (question, skill) in enumerate(questions):
+    for n, (question, skill, why) in enumerate(questions):
         texts = [r.parsed for r in solutions[n * cfg.solutions_per_question:(n + 1) * cfg.solutions_per_question] if r.parsed]
         agreeing = agreeing_solutions(texts, cfg.min_agreement)
         if not agreeing:
             stats["inconsistent"] += 1
             continue
         stats["kept_questions"] += 1
-        rows += [pair(question, s, source="synthetic", skills=[skill] if skill else [], origin="synthetic") for s in agreeing]
+        why = why | {"agreeing": len(agreeing)}
+        rows += [pair(question, s, source="synthetic", skills=[skill] if skill else [], origin="synthetic", why=why)
+                 for s in agreeing]
     return rows
 
 
@@ -102,9 +106,9 @@ def stat_syn(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tup
     stats = _new_stats()
 
     def draw_pass(i: int) -> list[Pair]:
-        targets = [(skill, subject_of[qid], rng.sample(by_skill[skill], min(cfg.examples_per_pair, len(by_skill[skill]))))
-                   for qid, skill in pairs_]
-        return synthesize(inputs, cfg, targets, i, stats, count=cfg.new_questions)
+        targets = [(skill, subject_of[qid], rng.sample(by_skill[skill], min(cfg.examples_per_pair, len(by_skill[skill]))),
+                    qid) for qid, skill in pairs_]
+        return synthesize(inputs, cfg, targets, i, stats, count=cfg.new_questions, rule="syn")
 
     rows, passes = fill(draw_pass, budget, cfg.max_passes, rng)
     return rows, stats | {"pairs_profiled": len(pairs_), "passes": passes}
@@ -113,7 +117,7 @@ def stat_syn(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tup
 def embed_syn(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tuple[list[Pair], dict]:
     neighbours = nearest_neighbours([r["problem"] for r in inputs.difficult], [r["problem"] for r in inputs.train],
                                     cfg.embedding_model, cfg.neighbours, trust_remote_code=cfg.embedding_remote_code)
-    groups = [list(itertools.combinations(near, cfg.examples_per_pair)) for near in neighbours]
+    groups = [list(itertools.combinations([i for i, _ in near], cfg.examples_per_pair)) for near in neighbours]
     if any(len(options) < cfg.groups_per_question for options in groups):
         raise ValueError(f"variant.groups_per_question ({cfg.groups_per_question}) needs that many different groups of "
                          f"examples_per_pair ({cfg.examples_per_pair}) of the neighbours ({cfg.neighbours}) "
@@ -121,10 +125,10 @@ def embed_syn(inputs, cfg: VariantConfig, budget: int, rng: random.Random) -> tu
     stats = _new_stats()
 
     def draw_pass(i: int) -> list[Pair]:
-        targets = [(None, d.get("subject") or "mathematics", [inputs.train[j] for j in group])
+        targets = [(None, d.get("subject") or "mathematics", [inputs.train[j] for j in group], d["id"])
                    for d, options in zip(inputs.difficult, groups)
                    for group in rng.sample(options, cfg.groups_per_question)]
-        return synthesize(inputs, cfg, targets, i, stats, count=1)
+        return synthesize(inputs, cfg, targets, i, stats, count=1, rule="embed_syn")
 
     rows, passes = fill(draw_pass, budget, cfg.max_passes, rng)
     return rows, stats | {"difficult_questions": len(groups), "passes": passes}

@@ -58,6 +58,24 @@ def test_stat_sel_draws_each_skill_in_proportion_to_the_profile():
     assert card["profile"] == PROFILE and card["skill_histogram"]["algebra_skill"] == counts["algebra_skill"]
 
 
+def test_stat_sel_lineage_names_the_difficult_question_and_its_missing_skill():
+    pairs, _ = build_training_data(inputs(), variant("sel", answers="reference"), budget=200, seed=2)
+    missing = {d["id"]: d["skills"] for d in diagnoses()}
+    for p in pairs:
+        why = p["lineage"]
+        assert why["rule"] == "sel" and len(why["difficult_ids"]) == 1 and why["skill"] == p["skills"][0]
+        assert why["skill"] in missing[why["difficult_ids"][0]]
+        assert why["seed_ids"] == [] and why["agreeing"] is why["rank"] is why["similarity"] is None
+    assert {p["lineage"]["difficult_ids"][0] for p in pairs} == set(missing)  # every difficult question drew some
+
+
+def test_baseline_lineage_is_its_rule():
+    pairs, _ = build_training_data(inputs(), variant("train"), budget=10, seed=0)
+    assert [p["lineage"] for p in pairs] == [select.lineage("train")] * 10
+    assert select.lineage("train") == {"rule": "train", "difficult_ids": [], "skill": None, "seed_ids": [],
+                                       "agreeing": None, "rank": None, "similarity": None}
+
+
 def test_stat_sel_draws_only_questions_with_the_missing_skill():
     pairs, _ = build_training_data(inputs(), variant("sel", answers="reference"), budget=200, seed=1)
     for p in pairs:
@@ -163,12 +181,16 @@ def test_budget_shortfall_is_reported(caplog):
 RANKS = [list(range(40)), [4] + list(range(10, 40)) + [0, 1, 2, 3] + list(range(5, 10))]
 
 
+def similarity(rank: int) -> float:
+    return 1 - rank / 100
+
+
 @pytest.fixture
 def ranked(monkeypatch):
     def nearest(queries, corpus, model_name, k, *, trust_remote_code):
         assert len(queries) == 2 and len(corpus) == 40 and model_name == VariantConfig.embedding_model
         assert trust_remote_code
-        return [r[:k] for r in RANKS]
+        return [[(i, similarity(rank)) for rank, i in enumerate(r[:k], start=1)] for r in RANKS]
 
     monkeypatch.setattr(select, "nearest_neighbours", nearest)
     monkeypatch.setattr(synth, "nearest_neighbours", nearest)
@@ -192,6 +214,11 @@ def test_embed_sel_takes_the_five_nearest_with_three_answers_each(ranked, tmp_pa
                                           budget=27, seed=0)
     assert sources(pairs) == Counter({q: 3 for q in FIRST_PASS})  # 9 questions x (reference + 2 rewrites)
     assert card["details"]["passes"] == 1 and card["budget_met"]
+    # t0-t4 are v0's ranks 1-5 (t4 too: v0 comes first); t10-t13 are v1's ranks 2-5 (its rank 1, t4, is v0's).
+    expected = {f"t{i}": ("v0", i + 1) for i in range(5)} | {f"t{i}": ("v1", i - 8) for i in range(10, 14)}
+    for p in pairs:
+        difficult, rank = expected[p["source"]]
+        assert p["lineage"] == select.lineage("embed_sel", difficult=[difficult], rank=rank, similarity=similarity(rank))
 
 
 def test_embed_sel_later_passes_take_the_next_nearest_never_the_same_pairs(ranked):
@@ -239,6 +266,11 @@ def test_embed_syn_writes_five_questions_from_different_groups_of_three_nearest(
     # 10 new questions x 3 agreeing solutions: the budget of 30 in one pass.
     assert card["details"]["kept_questions"] == 10 and card["details"]["passes"] == 1
     assert len(pairs) == 30 and Counter(p["question"] for p in pairs).most_common(1)[0][1] == 3
+    for p in pairs:  # each new question's lineage: its difficult question and the group it was written from
+        why = p["lineage"]
+        shown = tuple(sorted(int(t[1:]) for t in why["seed_ids"]))
+        assert p["question"] == f"New question from {shown}?" and why["rule"] == "embed_syn" and why["agreeing"] == 3
+        assert shown in (v0 if why["difficult_ids"] == ["v0"] else v1) and why["skill"] is None
 
 
 def test_embed_syn_needs_enough_groups(ranked):
@@ -295,6 +327,13 @@ def test_stat_syn_keeps_consistent_new_questions_and_counts_rejections(tmp_path)
     assert all(p["answer"].endswith("\\boxed{4}") for p in pairs)
     assert all(p["origin"] == "synthetic" and len(p["skills"]) == 1 for p in pairs)
     assert not card["budget_met"]
+    missing = {d["id"]: d["skills"] for d in diagnoses()}
+    train_ids = {r["id"] for r in pool()}
+    for p in pairs:
+        why = p["lineage"]
+        assert why["rule"] == "syn" and why["skill"] == p["skills"][0] in missing[why["difficult_ids"][0]]
+        assert len(why["seed_ids"]) == 3 and set(why["seed_ids"]) <= train_ids and why["agreeing"] == 2
+        assert all(SKILLS[int(t[1:]) % 3] == why["skill"] for t in why["seed_ids"])  # examples with the skill
 
 
 def test_embed_sel_draws_the_nearest_training_questions(tmp_path, tiny_model_dir):

@@ -128,3 +128,27 @@ def test_export_writes_a_hugging_face_dataset_with_its_card(demo, tmp_path) -> N
     logged_profile = json.loads((sweep / "0" / "metrics.json").read_text())["profile"]["base"]
     assert profile["profile"] == logged_profile["f"] and profile["difficult"] == logged_profile["difficult"]
     assert (tmp_path / "sel" / "diagnoses.jsonl").read_text().count("\n") == profile["difficult"]
+
+
+def test_exported_rows_say_why_they_are_there(demo, tmp_path) -> None:
+    from datasets import load_from_disk
+
+    from stat_exp.export import export
+
+    sweep, _ = demo
+    rows = {}
+    for i, variant in enumerate(["sel", "syn", "train"]):
+        export(sweep / str(i), tmp_path / variant)
+        rows[variant] = list(load_from_disk(str(tmp_path / variant))["train"])
+    diagnosed = {}  # difficult question -> the skills the profile says it misses
+    for line in (tmp_path / "sel" / "diagnoses.jsonl").read_text().splitlines():
+        diagnosis = json.loads(line)
+        diagnosed[diagnosis["id"]] = diagnosis["skills"]
+    for row in rows["sel"] + rows["syn"]:
+        why = row["lineage"]
+        assert why["skill"] in diagnosed[why["difficult_ids"][0]] and row["skills"] == [why["skill"]]
+    assert all(r["lineage"]["rule"] == "sel" and r["lineage"]["seed_ids"] == [] for r in rows["sel"])
+    assert all(r["lineage"]["rule"] == "syn" and len(r["lineage"]["seed_ids"]) == 3 and r["lineage"]["agreeing"] >= 2
+               for r in rows["syn"])
+    assert all(r["lineage"] == {"rule": "train", "difficult_ids": [], "skill": None, "seed_ids": [], "agreeing": None,
+                                "rank": None, "similarity": None} for r in rows["train"])
