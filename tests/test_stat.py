@@ -156,5 +156,5 @@ def test_round_validation_names_a_benchmark_or_probes_val_again(math_like_data, 
     assert "rounds after the first build their profile on math500 (6 questions)" in caplog.text
     assert round_validation(compose_config("stat.rounds=2"), val) is val
     assert "stat.round_val is null: rounds after the first probe the same 1 validation questions again" in caplog.text
-    with pytest.raises(ValueError, match="unknown benchmark 'math_perturb_hard'"):
-        round_validation(compose_config(f"task.data_dir={math_like_data}", "stat.round_val=math_perturb_hard"), val)
+    with pytest.raises(ValueError, match="unknown benchmark 'no_such_benchmark'"):
+        round_validation(compose_config(f"task.data_dir={math_like_data}", "stat.round_val=no_such_benchmark"), val)
