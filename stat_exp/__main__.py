@@ -4,6 +4,8 @@ Only Hydra and the config dataclasses are imported here: `--help` and `--cfg job
 without loading torch, transformers or litellm.
 """
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -16,8 +18,12 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from stat_exp.pipeline import run
+    from stat_exp.teacher.client import TeacherFatalError
 
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, HydraConfig.get().runtime.output_dir)
+    except TeacherFatalError as err:  # a setup mistake: one line that says what to do, not a traceback
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":
