@@ -16,7 +16,7 @@ from helpers import ROOT
 from stat_exp.config import TeacherConfig
 from stat_exp.pipeline import _teacher_identity
 from stat_exp.skills import label_questions
-from stat_exp.teacher.client import BudgetExceeded, Request, Teacher, TeacherFatalError
+from stat_exp.teacher.client import BudgetExceeded, Request, Teacher, TeacherFatalError, _retry_after
 from teacher_server import Faults, TeacherServer
 
 CATALOGUE = {"Algebra": ["linear_equations", "factoring", "quadratics"], "Geometry": ["triangles", "circles"]}
@@ -121,8 +121,9 @@ def test_each_prompt_kind_goes_to_its_model_priced_and_cached_under_it(tmp_path)
         return "two words"
 
     # 10 words of prompt, 2 of answer: the server counts tokens as words.
-    labelling = Request("skill_labelling", ({"role": "user", "content": "one two three four five six seven eight nine ten"},))
-    synthesis = Request("synthesis", labelling.messages)
+    prompt = ({"role": "user", "content": "one two three four five six seven eight nine ten"},)
+    labelling = Request("skill_labelling", prompt)
+    synthesis = Request("synthesis", prompt)
     with TeacherServer(answer) as server:
         cfg = teacher_config(server, model="openai/gpt-4o-mini", models={"synthesis": "openai/gpt-4o"})
         teacher = Teacher(cfg, tmp_path)
@@ -139,7 +140,8 @@ def test_each_prompt_kind_goes_to_its_model_priced_and_cached_under_it(tmp_path)
 
 
 def test_a_misspelt_prompt_kind_in_models_is_named(tmp_path):
-    cfg = OmegaConf.structured(TeacherConfig(name="x", model="openai/gpt-4o-mini", models={"synthesys": "openai/gpt-4o"}))
+    cfg = OmegaConf.structured(TeacherConfig(name="x", model="openai/gpt-4o-mini",
+                                             models={"synthesys": "openai/gpt-4o"}))
     with pytest.raises(ValueError, match=r"unknown prompt kinds \['synthesys'\]"):
         Teacher(cfg, tmp_path)
 
@@ -234,6 +236,19 @@ def test_rate_limits_wait_as_long_as_retry_after_says(tmp_path, retry_after):
     assert 0.95 <= waited < 3  # without the header: 0.01 s of backoff
 
 
+@pytest.mark.parametrize("headers, seconds", [
+    ({"retry-after-ms": "250", "retry-after": "1"}, 0.25),
+    ({"retry-after": "3"}, 3.0),
+    ({"retry-after": formatdate(time.time() - 60, usegmt=True)}, 0.0),  # already past: go now
+    ({"retry-after": "soon"}, None),  # unreadable: back off as usual
+    ({}, None),
+])
+def test_retry_after_headers_are_read(headers, seconds):
+    err = Exception()
+    err.response = type("Response", (), {"headers": headers})()
+    assert _retry_after(err) == seconds
+
+
 def test_cached_prompt_tokens_are_counted_and_priced_at_the_cache_price(tmp_path):
     def answer(body: dict) -> str:
         return "one"
@@ -264,7 +279,8 @@ def test_the_cli_prints_a_fatal_teacher_error_as_one_line(tmp_path):
         out = subprocess.run(
             [sys.executable, "-m", "stat_exp", f"task.data_dir={data}", "task.val_size=4",
              "task.skills.catalogue_file=skills.json", "teacher=local", f"teacher.api_base={server.url}",
-             "teacher.model=openai/no-such-model", "teacher.concurrency=1", "logger=none", f"paths.cache_dir={tmp_path / 'cache'}",
+             "teacher.model=openai/no-such-model", "teacher.concurrency=1", "logger=none",
+             f"paths.cache_dir={tmp_path / 'cache'}",
              f"hydra.run.dir={tmp_path / 'run'}"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "Traceback" not in out.stderr

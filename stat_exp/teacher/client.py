@@ -285,14 +285,15 @@ class Teacher:
         status = getattr(err, "status_code", None)
         causes = _causes(err)
         where = f"the server at teacher.api_base={self.cfg.api_base}" if self.cfg.api_base else "the provider"
-        key = self.cfg.api_key_env or _key_variable(litellm, model)
         if any(type(c).__name__ == "OpenAIError" and "credentials" in str(c) for c in causes) or (
             isinstance(err, litellm.AuthenticationError) and "missing" in str(err).lower()
         ):
+            key = self.cfg.api_key_env or _key_variable(litellm, model)
             return f"{key} is not set: export it, or choose teacher=local or teacher=oracle"
         if isinstance(err, litellm.AuthenticationError) or status == 401:
             if self.cfg.api_base and not self.cfg.api_key_env:
-                return (f"{where} asks for an API key (401): set teacher.api_key_env to the variable that holds it")
+                return f"{where} asks for an API key (401): set teacher.api_key_env to the variable that holds it"
+            key = self.cfg.api_key_env or _key_variable(litellm, model)
             return f"{key} was rejected (401) by {where}: export a valid key, or choose teacher=local or teacher=oracle"
         if isinstance(err, litellm.PermissionDeniedError) or status == 403:
             return (f"{where} denied access to {model} (403): check that the key's account may use it, "
@@ -397,8 +398,11 @@ def _key_variable(litellm: Any, model: str) -> str:
 def _retry_after(err: Exception) -> float | None:
     """Seconds the provider asked to wait (Retry-After: seconds or an HTTP date), if it did."""
     headers = getattr(getattr(err, "response", None), "headers", None) or {}
-    if headers.get("retry-after-ms"):
-        return max(0.0, float(headers["retry-after-ms"]) / 1000)
+    if headers.get("retry-after-ms"):  # OpenAI's, finer than Retry-After
+        try:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        except ValueError:
+            pass
     value = headers.get("retry-after")
     if not value:
         return None
