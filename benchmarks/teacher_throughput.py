@@ -2,12 +2,15 @@
 
 Compares the Teacher client (async, `--concurrency` in flight) with a one-call-at-a-time
 litellm loop, the way research code usually calls its teacher, and with the ideal
-N x latency / concurrency. Run from the repository root:
+N x latency / concurrency: the ratio ideal / wall (1.0 at best) and the client's CPU time per
+call. The server runs in its own process, as a provider does, so that its threads do not take
+the client's interpreter lock. Run from the repository root:
 
-    .venv/bin/python -m benchmarks.teacher_throughput --n 1000 --latency 0.1 --concurrency 32
+    .venv/bin/python -m benchmarks.teacher_throughput --n 1000 --latency 0.1 --concurrency 32 64
 """
 
 import argparse
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -35,28 +38,36 @@ def rows(n: int) -> list[dict]:
             for i in range(n)]
 
 
-def sequential(server: TeacherServer, n: int) -> float:
+def serve(latency: float, conn) -> None:
+    """The local server, in a process of its own: sends its URL, serves until told to stop."""
+    with TeacherServer(answer, Faults(latency=latency)) as server:
+        conn.send(server.url)
+        conn.recv()
+
+
+def sequential(url: str, n: int) -> float:
     import litellm
 
     start = time.perf_counter()
     for row in rows(n):
         messages = render("skill_labelling", subject="Algebra", problem=row["problem"], solution=row["solution"],
                           skills=CATALOGUE["Algebra"], max_skills=5)
-        litellm.completion(model="openai/test-teacher", messages=messages, api_base=server.url, api_key="EMPTY",
+        litellm.completion(model="openai/test-teacher", messages=messages, api_base=url, api_key="EMPTY",
                            temperature=0, max_tokens=512)
     return time.perf_counter() - start
 
 
-def concurrent(server: TeacherServer, n: int, concurrency: int) -> float:
-    cfg = OmegaConf.structured(TeacherConfig(name="local", model="openai/test-teacher", api_base=server.url,
+def concurrent(url: str, n: int, concurrency: int) -> tuple[float, float]:
+    """Wall seconds and client CPU seconds for n labelling calls through the Teacher."""
+    cfg = OmegaConf.structured(TeacherConfig(name="local", model="openai/test-teacher", api_base=url,
                                              concurrency=concurrency))
     with tempfile.TemporaryDirectory() as cache:  # a cold cache: every call goes to the server
         teacher = Teacher(cfg, Path(cache))
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         label_questions(teacher, rows(n), CATALOGUE, max_skills=5)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         assert teacher.usage.calls == n, teacher.usage
-    return elapsed
+    return elapsed, cpu
 
 
 def main() -> None:
@@ -67,16 +78,25 @@ def main() -> None:
     parser.add_argument("--sequential-n", type=int, default=None, help="calls for the sequential loop (default: --n)")
     args = parser.parse_args()
     seq_n = args.sequential_n or args.n
-    with TeacherServer(answer, Faults(latency=args.latency)) as server:
-        seq = sequential(server, seq_n) * args.n / seq_n
-        print(f"{'method':<28} {'wall s':>8} {'calls/s':>8} {'vs sequential':>14} {'vs ideal':>9}")
-        print(f"{'one call at a time':<28} {seq:8.1f} {args.n / seq:8.1f} {1:14.1f}x {'':>9}"
+    ours, theirs = multiprocessing.Pipe()
+    server = multiprocessing.Process(target=serve, args=(args.latency, theirs), daemon=True)
+    server.start()
+    url = ours.recv()
+    try:
+        concurrent(url, 50, 8)  # warm up: litellm's first call imports and builds what later calls reuse
+        seq = sequential(url, seq_n) * args.n / seq_n
+        print(f"{'method':<28} {'wall s':>8} {'calls/s':>8} {'vs sequential':>14} {'ideal/wall':>10} "
+              f"{'CPU ms/call':>11}")
+        print(f"{'one call at a time':<28} {seq:8.1f} {args.n / seq:8.1f} {1:13.1f}x {'':>10} {'':>11}"
               + ("" if seq_n == args.n else f"  (timed on {seq_n} calls)"))
         for concurrency in args.concurrency:
-            wall = concurrent(server, args.n, concurrency)
+            wall, cpu = concurrent(url, args.n, concurrency)
             ideal = args.n * args.latency / concurrency
             print(f"{f'Teacher, concurrency {concurrency}':<28} {wall:8.1f} {args.n / wall:8.1f} "
-                  f"{seq / wall:14.1f}x {wall / ideal:8.2f}x")
+                  f"{seq / wall:13.1f}x {ideal / wall:10.2f} {1000 * cpu / args.n:11.2f}")
+    finally:
+        ours.send("stop")
+        server.join()
 
 
 if __name__ == "__main__":

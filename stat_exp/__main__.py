@@ -4,7 +4,6 @@ Only Hydra and the config dataclasses are imported here: `--help` and `--cfg job
 without loading torch, transformers or litellm.
 """
 
-import logging
 import sys
 
 import hydra
@@ -21,14 +20,13 @@ def main(cfg: DictConfig) -> None:
     from stat_exp.pipeline import run
     from stat_exp.preflight import require
     from stat_exp.store import IncompleteArtifact
-    from stat_exp.teacher.client import BudgetExceeded
+    from stat_exp.teacher.client import BudgetExceeded, TeacherFatalError
 
     require(cfg)  # everything this machine lacks, listed before any stage runs
     try:
         run(cfg, HydraConfig.get().runtime.output_dir)
-    except (IncompleteArtifact, BudgetExceeded) as err:  # what to do next is in the message: no traceback
-        logging.getLogger("stat_exp").error("%s", err)
-        sys.exit(1)
+    except (TeacherFatalError, IncompleteArtifact, BudgetExceeded) as err:  # the message says what to do next
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

@@ -174,6 +174,7 @@ class TeacherConfig:
 
     name: str = MISSING
     model: str = MISSING  # litellm model id: openai/gpt-4o-mini, anthropic/claude-..., openai/<served> + api_base
+    models: Dict[str, str] = field(default_factory=dict)  # prompt kind -> litellm model; kinds not listed use `model`
     api_base: Optional[str] = None  # an OpenAI-compatible server (vLLM, SGLang, ...) instead of the provider
     api_key_env: Optional[str] = None  # env var with the key; null: the provider's default (OPENAI_API_KEY, ...)
     concurrency: int = 16  # requests in flight at once

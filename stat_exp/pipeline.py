@@ -685,17 +685,17 @@ def _profile_incomplete(summary: dict) -> str | None:
 def _teacher_identity(cfg: DictConfig, kinds: tuple[str, ...]) -> dict:
     """What makes the teacher's answers what they are: model, prompts and sampling (not speed settings)."""
     from stat_exp.teacher import oracle
+    from stat_exp.teacher.client import model_for
     from stat_exp.teacher.prompts import template_source
 
     t = cfg.teacher
     identity = {
-        "model": t.model,
         "parse_retries": t.parse_retries,
         "parse_retry_temperature": t.parse_retry_temperature,
-        "kinds": {k: {"sampling": OmegaConf.to_container(t.sampling[k]),
+        "kinds": {k: {"model": model_for(t, k), "sampling": OmegaConf.to_container(t.sampling[k]),
                       "template": hashlib.sha256(template_source(k).encode()).hexdigest()[:12]} for k in kinds},
     }
-    if oracle.serves(t.model):  # skillworld's teacher: its answers are its code's, in its world's numbers
+    if any(oracle.serves(model_for(t, k)) for k in kinds):  # skillworld's teacher: its answers follow its code and world
         identity["oracle"] = {"code": digest(module_code(oracle.__name__)), "world": OmegaConf.to_container(cfg.task.world)}
     return identity
 

@@ -1,7 +1,9 @@
 """A scripted OpenAI-compatible chat-completions server on 127.0.0.1, standing in for a provider.
 
 The teacher reaches it through litellm over HTTP exactly as it reaches OpenAI. It counts
-requests, and can add latency and inject 429/500 responses or hangs (client time-outs).
+requests, and can add latency and inject 429/500 responses or hangs (client time-outs), answer
+every request with an error no retry fixes (401, 403, 404, 400), send 429s with `Retry-After`,
+and report prompt tokens served from a prompt cache as OpenAI does.
 It also serves OpenAI's Batch API (`/v1/files`, `/v1/batches`): a batch runs through the same
 responder, ends after `batch_polls` retrievals, and ends as `batch_outcomes` says.
 """
@@ -27,6 +29,23 @@ class Faults:
     hang_rate: float = 0.0  # share of requests that hang for `hang_seconds` (a client time-out)
     hang_seconds: float = 3.0
     seed: int = 0
+    error: str | None = None  # answer every request with this ERRORS entry: one no retry fixes
+    rate_limited: int = 0  # the first this many requests are answered 429
+    retry_after: str | None = None  # sent with those 429s as the Retry-After header (seconds or an HTTP date)
+
+
+# Errors no retry fixes, as OpenAI answers them (status, error body): litellm maps them to its exceptions.
+ERRORS = {
+    "key": (401, {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                  "code": "invalid_api_key"}),
+    "permission": (403, {"message": "You are not allowed to use this model.", "type": "invalid_request_error"}),
+    "model": (404, {"message": "The model does not exist or you do not have access to it.",
+                    "type": "invalid_request_error", "code": "model_not_found"}),
+    "bad_request": (400, {"message": "Invalid value for 'temperature'.", "type": "invalid_request_error"}),
+    "context": (400, {"message": "This model's maximum context length is 128000 tokens. However, your messages "
+                      "resulted in 130000 tokens.", "type": "invalid_request_error",
+                      "code": "context_length_exceeded"}),
+}
 
 
 @dataclass
@@ -44,6 +63,7 @@ class TeacherServer:
     batch_creates: int = 0  # POST /v1/batches received
     batches: dict = field(default_factory=dict)  # batch id -> the batch object, as last returned
     files: dict = field(default_factory=dict)  # file id -> content (uploaded inputs, written outputs)
+    cached_tokens: int = 0  # prompt tokens reported as read from the prompt cache (at most the prompt's)
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -68,6 +88,8 @@ class TeacherServer:
         with self._lock:
             self.requests += 1
             roll = self._rng.random()
+            if self.requests <= self.faults.rate_limited:
+                return "429"
         if roll < self.faults.error_rate:
             return "429" if roll < self.faults.error_rate / 2 else "500"
         if roll < self.faults.error_rate + self.faults.hang_rate:
@@ -78,6 +100,9 @@ class TeacherServer:
 def _handler(server: TeacherServer):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as real providers do
+        # Headers and body go out in two writes: with Nagle's algorithm the body waits for the
+        # client's delayed ACK, 40 ms on Linux, which real providers' servers do not add.
+        disable_nagle_algorithm = True
 
         def log_message(self, *args):  # the tests' output stays readable
             return
@@ -91,9 +116,14 @@ def _handler(server: TeacherServer):
             time.sleep(server.faults.latency)
             if fault == "hang":
                 time.sleep(server.faults.hang_seconds)
+            if server.faults.error is not None:
+                status, error = ERRORS[server.faults.error]
+                return self._send(status, {"error": error})
             if fault in ("429", "500"):
                 message = "rate limit exceeded" if fault == "429" else "internal error"
-                return self._send(int(fault), {"error": {"message": message, "type": "server_error"}})
+                retry_after = server.faults.retry_after if fault == "429" else None
+                headers = {"Retry-After": retry_after} if retry_after else {}
+                return self._send(int(fault), {"error": {"message": message, "type": "server_error"}}, headers)
             status = server.refuse(body) if server.refuse else None
             if status is not None:
                 return self._send(status, {"error": {"message": f"scripted error {status}", "type": "server_error"}})
@@ -101,7 +131,7 @@ def _handler(server: TeacherServer):
             with server._lock:
                 server.answered += 1
                 server.bodies.append(body)
-            self._send(200, _completion(body, content, server.answered))
+            self._send(200, _completion(body, content, server.answered, server.cached_tokens))
 
         def do_GET(self):
             self._batch_api()
@@ -133,12 +163,14 @@ def _handler(server: TeacherServer):
             self.end_headers()
             self.wfile.write(data)
 
-        def _send(self, status: int, payload: dict) -> None:
+        def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
             data = json.dumps(payload).encode()
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
             except (BrokenPipeError, ConnectionResetError):
@@ -147,9 +179,11 @@ def _handler(server: TeacherServer):
     return Handler
 
 
-def _completion(body: dict, content: str, number: int) -> dict:
-    """A chat.completion answering `body` with `content`; a token is a word."""
+def _completion(body: dict, content: str, number: int, cached_tokens: int = 0) -> dict:
+    """A chat.completion answering `body` with `content`; a token is a word; up to `cached_tokens`
+    of the prompt's reported as read from the prompt cache."""
     prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
+    cached = min(cached_tokens, prompt_tokens)
     return {
         "id": f"chatcmpl-{number}",
         "object": "chat.completion",
@@ -160,6 +194,7 @@ def _completion(body: dict, content: str, number: int) -> dict:
             "prompt_tokens": prompt_tokens,
             "completion_tokens": len(content.split()),
             "total_tokens": prompt_tokens + len(content.split()),
+            **({"prompt_tokens_details": {"cached_tokens": cached}} if cached else {}),
         },
     }
 

@@ -57,7 +57,7 @@ def test_a_paper_teacher_without_its_key_is_named(tmp_path):
     out, seconds = run_mission(tmp_path, "variant=sel", "model=tiny", "teacher=gpt-4o-mini", "difficulty=outcome",
                                "task.data_dir=../shared/data")
     assert out.returncode == 1 and seconds < 60 and "Traceback" not in out.stderr, out.stderr
-    assert "teacher=gpt-4o-mini (openai/gpt-4o-mini) needs OPENAI_API_KEY, which is not set" in out.stderr
+    assert "teacher=gpt-4o-mini (openai/gpt-4o-mini, openai/gpt-4o) needs OPENAI_API_KEY, which is not set" in out.stderr
     assert not (tmp_path / "cache").exists()
 
 

@@ -1,13 +1,22 @@
 """The teacher through litellm over HTTP, against the scripted local server."""
 
+import json
+import os
 import re
+import socket
+import subprocess
+import sys
+import time
+from email.utils import formatdate
 
 import pytest
 from omegaconf import OmegaConf
 
+from helpers import ROOT
 from stat_exp.config import TeacherConfig
+from stat_exp.pipeline import _teacher_identity
 from stat_exp.skills import label_questions
-from stat_exp.teacher.client import BudgetExceeded, Teacher
+from stat_exp.teacher.client import BudgetExceeded, Request, Teacher, TeacherFailed, TeacherFatalError, _retry_after
 from teacher_server import Faults, TeacherServer
 
 CATALOGUE = {"Algebra": ["linear_equations", "factoring", "quadratics"], "Geometry": ["triangles", "circles"]}
@@ -105,3 +114,176 @@ def test_missing_key_variable_is_named(tmp_path, monkeypatch):
     cfg = OmegaConf.structured(TeacherConfig(name="x", model="openai/gpt-4o-mini", api_key_env="STAT_NO_SUCH_KEY"))
     with pytest.raises(ValueError, match="STAT_NO_SUCH_KEY"):
         Teacher(cfg, tmp_path)
+
+
+def test_each_prompt_kind_goes_to_its_model_priced_and_cached_under_it(tmp_path):
+    def answer(body: dict) -> str:
+        return "two words"
+
+    # 10 words of prompt, 2 of answer: the server counts tokens as words.
+    prompt = ({"role": "user", "content": "one two three four five six seven eight nine ten"},)
+    labelling = Request("skill_labelling", prompt)
+    synthesis = Request("synthesis", prompt)
+    with TeacherServer(answer) as server:
+        cfg = teacher_config(server, model="openai/gpt-4o-mini", models={"synthesis": "openai/gpt-4o"})
+        teacher = Teacher(cfg, tmp_path)
+        teacher.ask([labelling, synthesis], lambda text: text)
+        assert {b["model"]: b["max_tokens"] for b in server.bodies} == {"gpt-4o-mini": 512, "gpt-4o": 2048}
+        # gpt-4o-mini: $0.15 and $0.60 per million tokens in and out; gpt-4o: $2.50 and $10.
+        assert teacher.usage.cost_usd == pytest.approx(10 * 0.15e-6 + 2 * 0.6e-6 + 10 * 2.5e-6 + 2 * 10e-6)
+
+        # Another synthesis model: only synthesis is asked again; labelling comes from the cache.
+        cfg = teacher_config(server, model="openai/gpt-4o-mini", models={"synthesis": "openai/gpt-4.1"})
+        again = Teacher(cfg, tmp_path)
+        again.ask([labelling, synthesis], lambda text: text)
+        assert again.usage.cache_hits == 1 and server.bodies[-1]["model"] == "gpt-4.1" and server.requests == 3
+
+
+def test_a_misspelt_prompt_kind_in_models_is_named(tmp_path):
+    cfg = OmegaConf.structured(TeacherConfig(name="x", model="openai/gpt-4o-mini",
+                                             models={"synthesys": "openai/gpt-4o"}))
+    with pytest.raises(ValueError, match=r"unknown prompt kinds \['synthesys'\]"):
+        Teacher(cfg, tmp_path)
+
+
+def test_stage_keys_follow_each_kinds_model():
+    def identity(**models) -> dict:
+        teacher = OmegaConf.structured(TeacherConfig(name="x", model="openai/gpt-4o-mini", models=models))
+        return {kind: _teacher_identity(OmegaConf.create({"teacher": teacher}), (kind,))
+                for kind in ("skill_labelling", "synthesis")}
+
+    default, gpt4o = identity(), identity(synthesis="openai/gpt-4o")
+    assert gpt4o["skill_labelling"] == default["skill_labelling"]
+    assert gpt4o["synthesis"] != default["synthesis"]
+    assert gpt4o["synthesis"]["kinds"]["synthesis"]["model"] == "openai/gpt-4o"
+
+
+def test_a_rejected_key_is_sent_once_and_stops_the_run_naming_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("STAT_TEST_KEY", "sk-secret-test-key")
+    with TeacherServer(labeller, Faults(error="key")) as server:
+        teacher = Teacher(teacher_config(server, concurrency=1, max_retries=5, api_key_env="STAT_TEST_KEY"), tmp_path)
+        with pytest.raises(TeacherFatalError, match=r"^STAT_TEST_KEY was rejected \(401\).*teacher=oracle") as caught:
+            label_questions(teacher, questions(20), CATALOGUE, max_skills=5)
+        assert server.requests == 1 and teacher.usage.retries == 0
+        assert "sk-secret" not in str(caught.value)
+
+
+def test_a_fatal_error_cancels_the_requests_in_flight_and_sends_no_more(tmp_path):
+    with TeacherServer(labeller, Faults(error="key", latency=0.2)) as server:
+        teacher = Teacher(teacher_config(server, concurrency=4), tmp_path)
+        with pytest.raises(TeacherFatalError, match="teacher.api_key_env"):
+            label_questions(teacher, questions(40), CATALOGUE, max_skills=5)
+        time.sleep(0.3)  # anything still sending would arrive by now
+        assert server.requests <= 4
+
+
+@pytest.mark.parametrize("error, message", [
+    ("permission", r"denied access to openai/test-teacher \(403\)"),
+    ("model", r"does not know the model 'openai/test-teacher' \(404\): check teacher.model"),
+    ("bad_request", r"rejected a skill_labelling request .* as invalid \(400"),
+    ("context", r"a skill_labelling prompt is longer than openai/test-teacher's context window"),
+])
+def test_errors_no_retry_fixes_stop_at_once(tmp_path, error, message):
+    with TeacherServer(labeller, Faults(error=error)) as server:
+        teacher = Teacher(teacher_config(server, concurrency=1), tmp_path)
+        with pytest.raises(TeacherFatalError, match=message):
+            label_questions(teacher, questions(5), CATALOGUE, max_skills=5)
+        assert server.requests == 1
+
+
+def test_a_missing_openai_key_stops_before_any_request(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    teacher = Teacher(OmegaConf.structured(TeacherConfig(name="x", model="openai/gpt-4o-mini")), tmp_path)
+    with pytest.raises(TeacherFatalError, match=r"^OPENAI_API_KEY is not set: export it, or choose teacher=local"):
+        label_questions(teacher, questions(3), CATALOGUE, max_skills=5)
+    assert teacher.usage.retries == 0 and teacher.usage.calls == 0
+
+
+def unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_api_base_stops_at_once(tmp_path):
+    url = f"http://127.0.0.1:{unused_port()}/v1"  # nothing listens there: connection refused
+    cfg = OmegaConf.structured(TeacherConfig(name="local", model="openai/x", api_base=url, backoff_initial=0.01))
+    teacher = Teacher(cfg, tmp_path)
+    with pytest.raises(TeacherFatalError, match=f"cannot reach {url} .*fix teacher.api_base"):
+        label_questions(teacher, questions(3), CATALOGUE, max_skills=5)
+    assert teacher.usage.retries == 0
+
+
+def test_a_refused_connection_after_the_server_answered_is_retried(tmp_path):
+    with TeacherServer(labeller) as server:
+        teacher = Teacher(teacher_config(server, max_retries=2), tmp_path)
+        label_questions(teacher, questions(1), CATALOGUE, max_skills=5)
+    # The server has gone (restarting, say): a transient failure, retried, not a mistake in the config.
+    with pytest.raises(TeacherFailed, match="1 of 1 teacher requests"):
+        label_questions(teacher, questions(2)[1:], CATALOGUE, max_skills=5)
+    assert teacher.usage.retries == 2 and teacher.usage.failed == 1
+
+
+@pytest.mark.parametrize("retry_after", ["1", "http-date"])
+def test_rate_limits_wait_as_long_as_retry_after_says(tmp_path, retry_after):
+    if retry_after == "http-date":  # whole seconds only: 2 s from now is between 1 and 2 s after the 429
+        retry_after = formatdate(time.time() + 2, usegmt=True)
+    with TeacherServer(labeller, Faults(rate_limited=1, retry_after=retry_after)) as server:
+        teacher = Teacher(teacher_config(server, concurrency=1, backoff_initial=0.01), tmp_path)
+        start = time.monotonic()
+        records = label_questions(teacher, questions(1), CATALOGUE, max_skills=5)
+        waited = time.monotonic() - start
+    assert records[0]["error"] is None and server.requests == 2 and teacher.usage.retries == 1
+    assert 0.95 <= waited < 3  # without the header: 0.01 s of backoff
+
+
+@pytest.mark.parametrize("headers, seconds", [
+    ({"retry-after-ms": "250", "retry-after": "1"}, 0.25),
+    ({"retry-after": "3"}, 3.0),
+    ({"retry-after": formatdate(time.time() - 60, usegmt=True)}, 0.0),  # already past: go now
+    ({"retry-after": "soon"}, None),  # unreadable: back off as usual
+    ({}, None),
+])
+def test_retry_after_headers_are_read(headers, seconds):
+    err = Exception()
+    err.response = type("Response", (), {"headers": headers})()
+    assert _retry_after(err) == seconds
+
+
+def test_cached_prompt_tokens_are_counted_and_priced_at_the_cache_price(tmp_path):
+    def answer(body: dict) -> str:
+        return "one"
+
+    prompt = ({"role": "user", "content": " ".join(["word"] * 40)},)  # 40 prompt tokens, 1 completion token
+    requests = [Request("skill_labelling", prompt, sample=i) for i in range(2)]
+    with TeacherServer(answer) as server:
+        server.cached_tokens = 32
+        teacher = Teacher(teacher_config(server, model="openai/gpt-4o-mini"), tmp_path)
+        teacher.ask(requests, lambda text: text)
+    # gpt-4o-mini: $0.15 per million input tokens, $0.075 cached, $0.60 output.
+    assert teacher.usage.cached_prompt_tokens == 64 and teacher.usage.prompt_tokens == 80
+    assert teacher.usage.cost_usd == pytest.approx(2 * (8 * 0.15e-6 + 32 * 0.075e-6 + 1 * 0.6e-6))
+    assert teacher.usage.cache_savings_usd == pytest.approx(2 * 32 * (0.15e-6 - 0.075e-6))
+    # What the manifest and W&B get (dollars to the micro-dollar, as cost_usd).
+    assert teacher.usage.as_dict() | {"cached_prompt_tokens": 64, "cache_savings_usd": 5e-6} == teacher.usage.as_dict()
+
+
+def test_the_cli_prints_a_fatal_teacher_error_as_one_line(tmp_path):
+    data = tmp_path / "data"
+    (data / "math").mkdir(parents=True)
+    rows = [{"problem": f"Problem {i}: solve x + {i} = {2 * i}.", "solution": f"\\boxed{{{i}}}", "type": "Algebra",
+             "level": "Level 1"} for i in range(12)]
+    (data / "math" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "skills.json").write_text(json.dumps(CATALOGUE))
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    with TeacherServer(labeller, Faults(error="model")) as server:
+        out = subprocess.run(
+            [sys.executable, "-m", "stat_exp", f"task.data_dir={data}", "task.val_size=4",
+             "task.skills.catalogue_file=skills.json", "teacher=local", f"teacher.api_base={server.url}",
+             "teacher.model=openai/no-such-model", "teacher.concurrency=1", "logger=none", "eval.benchmarks=[]",
+             f"paths.cache_dir={tmp_path / 'cache'}",
+             f"hydra.run.dir={tmp_path / 'run'}"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: the server at teacher.api_base=")
+    assert server.requests == 1

@@ -63,8 +63,18 @@ async def answer_uncached(teacher: "Teacher", requests: Sequence["Request"]) -> 
     """
     if teacher.cfg.batch_max_requests < 1:
         raise ValueError(f"teacher.batch_max_requests={teacher.cfg.batch_max_requests}: a batch holds at least 1")
+    from stat_exp.teacher.client import model_for
+
+    by_model: dict[str, list] = {}
+    for request in requests:
+        by_model.setdefault(model_for(teacher.cfg, request.kind), []).append(request)
+    if len(by_model) > 1:  # a batch file names one model: one batch (or more) per teacher.models entry
+        answers: dict[str, dict] = {}
+        for group in by_model.values():
+            answers |= await answer_uncached(teacher, group)
+        return answers
     litellm = teacher._litellm
-    model = teacher.cfg.model
+    (model,) = by_model or [teacher.cfg.model]
     name, provider, _, _ = litellm.get_llm_provider(model, api_base=teacher.cfg.api_base)  # name: without the prefix
     if provider not in PROVIDERS:
         raise ValueError(f"teacher.batch=true needs a provider whose batches litellm {version('litellm')} can "

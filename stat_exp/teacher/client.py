@@ -1,9 +1,12 @@
 """The teacher client: litellm calls, concurrent, retried, rate-limited, cached and paid for.
 
-Every answer is stored in an SQLite cache keyed by (model, messages, sampling, sample index,
-attempt), so a rerun, or another member of a sweep, gets it back without a call. Answers the
-parser rejects are retried with fresh samples and, when every attempt fails, kept raw and
-counted. `max_cost_usd` stops new calls once a run has spent it; what was paid is cached.
+Each prompt kind goes to its own model (`teacher.models`, else `teacher.model`). Every answer
+is stored in an SQLite cache keyed by (model, messages, sampling, sample index, attempt), so a
+rerun, or another member of a sweep, gets it back without a call. Answers the parser rejects
+are retried with fresh samples and, when every attempt fails, kept raw and counted.
+`max_cost_usd` stops new calls once a run has spent it; what was paid is cached. An error no
+retry can fix (a rejected key, an unknown model, ...) stops every request at once with one
+TeacherFatalError that says what to do.
 """
 
 import asyncio
@@ -12,12 +15,16 @@ import json
 import logging
 import os
 import random
+import socket
 import sqlite3
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Callable, Generic, Sequence, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
 
 from stat_exp.config import TeacherConfig
 from stat_exp.store import IncompleteArtifact
@@ -37,6 +44,10 @@ class BudgetExceeded(RuntimeError):
 
 class TeacherFailed(IncompleteArtifact):
     """More requests failed after every retry than teacher.max_failed allows; the answered ones are cached."""
+
+
+class TeacherFatalError(RuntimeError):
+    """An error no retry can fix (credentials, permission, model, request, api_base); says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +79,9 @@ class Usage:
     unparsed: int = 0  # requests left without a parsed answer after every attempt
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens the provider read from its prompt cache (billed lower)
     cost_usd: float = 0.0
+    cache_savings_usd: float = 0.0  # what those cached tokens would have cost at the full input price, less their cost
     unpriced_calls: int = 0  # calls to models missing from litellm's price table (local servers)
 
     def since(self, before: "Usage") -> "Usage":
@@ -82,6 +95,7 @@ class Usage:
     def as_dict(self) -> dict:
         out = asdict(self)
         out["cost_usd"] = round(self.cost_usd, 6)
+        out["cache_savings_usd"] = round(self.cache_savings_usd, 6)
         return out
 
 
@@ -92,6 +106,9 @@ class AnswerCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
+        # A commit then waits for no fsync (~2 ms each, on the event loop): it survives a killed run,
+        # and a power cut loses at most the last answers, which a rerun asks again.
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
     def get(self, key: str) -> dict | None:
@@ -107,14 +124,19 @@ class AnswerCache:
 
 class Teacher:
     def __init__(self, cfg: TeacherConfig, cache_dir: Path):
-        self.cfg = cfg
+        # A plain dataclass: an OmegaConf attribute read costs ~0.1 ms, and each request makes a dozen.
+        self.cfg = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
         self.cache = AnswerCache(Path(cache_dir) / "teacher.sqlite")
         self.usage = Usage()
+        unknown = sorted(set(cfg.models) - set(cfg.sampling))
+        if unknown:
+            raise ValueError(f"teacher.models names unknown prompt kinds {unknown}; known: {sorted(cfg.sampling)}")
         self._api_key = _api_key(cfg)  # held in memory only: never in a config, log or artifact
         self._budget_hit = False
-        self._oracle = oracle.serves(cfg.model)  # skillworld's teacher, a litellm custom provider
         self.unparsed_answers: list[str] = []  # raw answers no attempt could parse, shown when a stage fails on them
         self.error_examples: dict[str, str] = {}  # one message per kind of failed request
+        self._fatal: TeacherFatalError | None = None  # the first unfixable error: nothing is sent after it
+        self._answered = False  # whether the provider has answered once (see _unfixable)
 
     def ask(
         self,
@@ -164,11 +186,14 @@ class Teacher:
         litellm.suppress_debug_info = True
         # litellm logs a line per call at INFO (on its own handler too): thousands in a stage.
         logging.getLogger("LiteLLM").setLevel(logging.WARNING)
-        self._cache_model = self.cfg.model
-        if self._oracle:
-            oracle.ensure_registered()
-            # Its answers change with its code and world, which the prompt alone does not pin.
-            self._cache_model = f"{self.cfg.model}@{oracle.fingerprint()}"
+        self._cache_model = {}  # prompt kind -> the model name its cache keys carry
+        for kind in {r.kind for r in requests}:
+            model = model_for(self.cfg, kind)
+            self._cache_model[kind] = model
+            if oracle.serves(model):
+                oracle.ensure_registered()
+                # Its answers change with its code and world, which the prompt alone does not pin.
+                self._cache_model[kind] = f"{model}@{oracle.fingerprint()}"
         self._litellm = litellm
         self._slots = asyncio.Semaphore(self.cfg.concurrency)
         self._next_start = time.monotonic()
@@ -181,7 +206,14 @@ class Teacher:
                 replies[i] = await self._ask_one(requests[i], parsers[i])
                 bar.update()
 
-            await asyncio.gather(*(one(i) for i in range(len(requests))), return_exceptions=False)
+            tasks = [asyncio.create_task(one(i)) for i in range(len(requests))]
+            try:
+                await asyncio.gather(*tasks)
+            except TeacherFatalError:
+                for task in tasks:  # requests in flight or waiting for a slot: none of them can succeed
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
         return replies
 
     async def _ask_one(self, request: Request, parse: Callable[[str], T]) -> Reply[T] | None:
@@ -213,7 +245,7 @@ class Teacher:
         if attempt > 0:
             temperature = max(temperature, self.cfg.parse_retry_temperature)
         params = {"temperature": temperature, "max_tokens": sampling.max_tokens}
-        return _cache_key(self._cache_model, request, params, attempt), params
+        return _cache_key(self._cache_model[request.kind], request, params, attempt), params
 
     async def _complete(self, request: Request, attempt: int) -> dict | None:
         """The answer to `request` at `attempt`: from this run's batches, the cache, or the provider."""
@@ -225,6 +257,8 @@ class Teacher:
             self.usage.cache_hits += 1
             return cached
         async with self._slots:
+            if self._fatal is not None:  # another request met it while this one waited for its slot
+                raise self._fatal
             if self._over_budget():
                 return None
             answer = await self._call_with_retries(request, params)
@@ -234,6 +268,7 @@ class Teacher:
 
     async def _call_with_retries(self, request: Request, params: dict) -> dict:
         litellm = self._litellm
+        model = model_for(self.cfg, request.kind)
         retryable = (
             litellm.RateLimitError,
             litellm.InternalServerError,
@@ -246,7 +281,7 @@ class Teacher:
             await self._wait_for_rate_limit()
             try:
                 response = await litellm.acompletion(
-                    model=self.cfg.model,
+                    model=model,
                     messages=list(request.messages),
                     api_base=self.cfg.api_base,
                     api_key=self._api_key,
@@ -256,10 +291,16 @@ class Teacher:
                     drop_params=True,  # providers that lack a sampling knob ignore it rather than fail
                     # The oracle reads the prompt kind and sample index from here (litellm hands
                     # metadata to custom providers, it is not sent to real ones; only the oracle gets it).
-                    **({"metadata": {"kind": request.kind, "sample": request.sample}} if self._oracle else {}),
+                    **({"metadata": {"kind": request.kind, "sample": request.sample}} if oracle.serves(model) else {}),
                     **params,
                 )
-            except retryable as err:
+            except Exception as err:
+                reason = self._unfixable(err, model, request.kind)
+                if reason is None and not isinstance(err, retryable):
+                    raise
+                if reason is not None:
+                    self._fatal = self._fatal or TeacherFatalError(reason)
+                    raise self._fatal from None  # the provider's traceback says nothing the message does not
                 if retry == self.cfg.max_retries:
                     kind = type(err).__name__
                     self.usage.failed += 1
@@ -268,33 +309,82 @@ class Teacher:
                     log.debug("teacher request failed after %d retries: %s", retry, _short(err))
                     return {"content": None, "error": f"{kind}: {_short(err)}"}
                 self.usage.retries += 1
-                delay = min(self.cfg.backoff_max, self.cfg.backoff_initial * 2**retry)
-                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                delay = _retry_after(err)  # the provider's own word on when to come back wins
+                if delay is None:
+                    delay = min(self.cfg.backoff_max, self.cfg.backoff_initial * 2**retry)
+                    delay *= 0.5 + random.random() / 2
+                await asyncio.sleep(delay)
                 continue
-            return self._account(response)
+            self._answered = True
+            return self._account(response, model)
         raise AssertionError("unreachable: the loop returns on its last retry")
 
-    def _account(self, response: Any) -> dict:
+    def _unfixable(self, err: Exception, model: str, kind: str) -> str | None:
+        """What is wrong and how to fix it, when `err` is one no retry can fix; else None.
+
+        litellm reports a missing OpenAI key and a refused connection as InternalServerError (500),
+        so the exception's causes are read too. A refused connection or an unknown host is fatal
+        only until the server has answered once: later it is a restart or a network blip, retried.
+        """
+        litellm = self._litellm
+        status = getattr(err, "status_code", None)
+        causes = _causes(err)
+        where = f"the server at teacher.api_base={self.cfg.api_base}" if self.cfg.api_base else "the provider"
+        if any(type(c).__name__ == "OpenAIError" and "credentials" in str(c) for c in causes) or (
+            isinstance(err, litellm.AuthenticationError) and "missing" in str(err).lower()
+        ):
+            key = self.cfg.api_key_env or _key_variable(litellm, model)
+            return f"{key} is not set: export it, or choose teacher=local or teacher=oracle"
+        if isinstance(err, litellm.AuthenticationError) or status == 401:
+            if self.cfg.api_base and not self.cfg.api_key_env:
+                return f"{where} asks for an API key (401): set teacher.api_key_env to the variable that holds it"
+            key = self.cfg.api_key_env or _key_variable(litellm, model)
+            return f"{key} was rejected (401) by {where}: export a valid key, or choose teacher=local or teacher=oracle"
+        if isinstance(err, litellm.PermissionDeniedError) or status == 403:
+            return (f"{where} denied access to {model} (403): check that the key's account may use it, "
+                    f"or choose another model (teacher.model, teacher.models.{kind})")
+        if isinstance(err, litellm.NotFoundError) or status == 404:
+            also = " and teacher.api_base" if self.cfg.api_base else ""
+            return (f"{where} does not know the model {model!r} (404): check teacher.model or teacher.models.{kind}"
+                    f"{also} (litellm names look like openai/gpt-4o-mini)")
+        if isinstance(err, litellm.ContextWindowExceededError):
+            return (f"a {kind} prompt is longer than {model}'s context window: choose a model with a longer "
+                    f"context for it (teacher.models.{kind}) or shorten the prompt")
+        if isinstance(err, litellm.BadRequestError) or status == 400:
+            return (f"{where} rejected a {kind} request to {model} as invalid (400: {self._scrub(_short(err))}): "
+                    f"check teacher.sampling.{kind} and the model name")
+        if not self._answered and any(isinstance(c, (ConnectionRefusedError, socket.gaierror)) for c in causes):
+            target = self.cfg.api_base or model
+            return (f"cannot reach {target} (connection refused or unknown host): start the server there, "
+                    "or fix teacher.api_base")
+        return None
+
+    def _scrub(self, text: str) -> str:
+        """`text` without the API key, should a provider echo it."""
+        return text.replace(self._api_key, "***") if self._api_key and len(self._api_key) > 4 else text
+
+    def _account(self, response: Any, model: str) -> dict:
         usage = getattr(response, "usage", None)
         prompt = getattr(usage, "prompt_tokens", 0) or 0
         completion = getattr(usage, "completion_tokens", 0) or 0
-        cost = self._price(prompt, completion)
+        cached = _cached_tokens(usage)
+        # litellm prices every response at the model called, cache reads at the provider's cache price;
+        # None: the model is missing from its price table (a local server).
+        cost = response._hidden_params.get("response_cost")
+        if cost is None:
+            self.usage.unpriced_calls += 1
+            cost = 0.0
+        elif cached:
+            full = sum(self._litellm.cost_per_token(model=model, prompt_tokens=prompt, completion_tokens=completion))
+            self.usage.cache_savings_usd += full - cost
         self.usage.calls += 1
         self.usage.prompt_tokens += prompt
         self.usage.completion_tokens += completion
+        self.usage.cached_prompt_tokens += cached
         self.usage.cost_usd += cost
         content = response.choices[0].message.content
-        return {"content": content, "prompt_tokens": prompt, "completion_tokens": completion, "cost_usd": cost}
-
-    def _price(self, prompt_tokens: int, completion_tokens: int) -> float:
-        try:
-            prompt_cost, completion_cost = self._litellm.cost_per_token(
-                model=self.cfg.model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
-            )
-        except self._litellm.exceptions.ModelNotMappedError:
-            self.usage.unpriced_calls += 1
-            return 0.0
-        return prompt_cost + completion_cost
+        return {"content": content, "prompt_tokens": prompt, "completion_tokens": completion,
+                "cached_prompt_tokens": cached, "cost_usd": cost}
 
     def _over_budget(self) -> bool:
         limit = self.cfg.max_cost_usd
@@ -312,6 +402,11 @@ class Teacher:
         await asyncio.sleep(start - now)
 
 
+def model_for(cfg: TeacherConfig, kind: str) -> str:
+    """The litellm model that answers prompts of `kind`: teacher.models[kind], else teacher.model."""
+    return cfg.models.get(kind) or cfg.model
+
+
 def _api_key(cfg: TeacherConfig) -> str | None:
     if cfg.api_key_env:
         key = os.environ.get(cfg.api_key_env)
@@ -326,6 +421,50 @@ def _cache_key(model: str, request: Request, params: dict, attempt: int) -> str:
     payload = {"model": model, "messages": request.messages, "params": params,
                "sample": request.sample, "attempt": attempt}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """`err` and the exceptions it was raised from, outermost first."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def _key_variable(litellm: Any, model: str) -> str:
+    """The environment variable litellm reads the key for `model` from (OPENAI_API_KEY, ...)."""
+    missing = litellm.validate_environment(model).get("missing_keys") or []
+    if missing:
+        return missing[0]
+    return f"{litellm.get_llm_provider(model)[1].upper()}_API_KEY"
+
+
+def _retry_after(err: Exception) -> float | None:
+    """Seconds the provider asked to wait (Retry-After: seconds or an HTTP date), if it did."""
+    headers = getattr(getattr(err, "response", None), "headers", None) or {}
+    if headers.get("retry-after-ms"):  # OpenAI's, finer than Retry-After
+        try:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):  # neither form: back off as usual
+        return None
+
+
+def _cached_tokens(usage: Any) -> int:
+    """Prompt tokens read from the provider's prompt cache: OpenAI's field, or Anthropic's."""
+    details = getattr(usage, "prompt_tokens_details", None)
+    return getattr(details, "cached_tokens", None) or getattr(usage, "cache_read_input_tokens", None) or 0
 
 
 def _short(err: Exception) -> str:
