@@ -11,9 +11,12 @@ Modules in `IGNORED` are left out of every closure, each for the reason given th
 
 import ast
 import hashlib
+import logging
 from functools import cache
 from pathlib import Path
 from typing import Iterable
+
+log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGE = PACKAGE_DIR.name
@@ -156,13 +159,27 @@ def _relative(path: Path, package_dir: Path) -> str:
 @cache
 def _parse(path: Path) -> ast.Module:
     """`path`'s syntax tree, without docstrings: so comments, docstrings and layout do not count."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    tree = _parse_source(path.read_text(encoding="utf-8"), str(path))
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(getattr(first.value, "value", None), str):
                 node.body = node.body[1:] or [ast.Pass()]
     return tree
+
+
+def _parse_source(source: str, filename: str, attempts: int = 3) -> ast.Module:
+    # CPython 3.11 keeps one AST recursion counter per interpreter: a thread that builds an AST at
+    # the same time (3.11's traceback formatting does, e.g. a library thread logging an error)
+    # breaks this parse with "AST constructor recursion depth mismatch" (CPython gh-106905).
+    for attempt in range(attempts):
+        try:
+            return ast.parse(source, filename=filename)
+        except SystemError as err:
+            if "recursion depth mismatch" not in str(err) or attempt == attempts - 1:
+                raise
+            log.debug("parsing %s again after CPython's AST race: %s", filename, err)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 @cache

@@ -331,3 +331,22 @@ def test_the_pipeline_keeps_the_adapter_only_until_vllm_or_grpo_needs_merged_wei
     assert [e.status for e in store.events[1:]] == ["computed", "reused"]
     assert student.path == str(artifact / "model") and (artifact / "model" / "config.json").exists()
     store.close()
+
+
+def test_a_parse_broken_by_cpythons_ast_race_is_tried_again(monkeypatch):
+    from stat_exp import code_fingerprint
+
+    real, calls = code_fingerprint.ast.parse, []
+
+    def racing(source, filename):
+        calls.append(filename)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=138, after=32)")
+        return real(source, filename=filename)
+
+    monkeypatch.setattr(code_fingerprint.ast, "parse", racing)
+    tree = code_fingerprint._parse_source("x = 1", "f.py")
+    assert code_fingerprint.ast.dump(tree) == code_fingerprint.ast.dump(real("x = 1")) and len(calls) == 2
+    monkeypatch.setattr(code_fingerprint.ast, "parse", lambda source, filename: (_ for _ in ()).throw(SystemError("other")))
+    with pytest.raises(SystemError, match="other"):
+        code_fingerprint._parse_source("x = 1", "f.py")
