@@ -115,11 +115,12 @@ class ModelConfig:
 
 @dataclass
 class GeneratorConfig:
-    backend: str = "hf"  # hf (transformers, CPU default) | vllm (GPU, optional extra)
+    backend: str = "hf"  # hf (transformers, CPU default) | vllm (GPU, optional extra) | replay (recorded answers)
     batch_size: int = 16  # prompts per forward batch (hf)
     device: str = "auto"  # auto | cpu | cuda (hf)
     tensor_parallel_size: int = 1  # vllm
     gpu_memory_utilization: float = 0.9  # vllm
+    replay_from: Optional[str] = None  # replay: a previous run's rows.jsonl whose responses are graded again
 
 
 @dataclass
