@@ -1,7 +1,8 @@
 """A scripted OpenAI-compatible chat-completions server on 127.0.0.1, standing in for a provider.
 
 The teacher reaches it through litellm over HTTP exactly as it reaches OpenAI. It counts
-requests, and can add latency and inject 429/500 responses or hangs (client time-outs).
+requests and records when each arrived, and can add latency and inject 429/500 responses or
+hangs (client time-outs), at random or for the requests a predicate picks.
 """
 
 import json
@@ -32,6 +33,8 @@ class TeacherServer:
     answered: int = 0  # requests answered 200
     bodies: list = field(default_factory=list)
     api_keys: set = field(default_factory=set)  # the bearer tokens clients sent
+    arrivals: list = field(default_factory=list)  # time.monotonic() at each request's arrival
+    fail: Callable[[dict], bool] | None = None  # request body -> answer it 500 (every retry too)
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -72,8 +75,12 @@ def _handler(server: TeacherServer):
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with server._lock:
+                server.arrivals.append(time.monotonic())
             server.api_keys.add(self.headers.get("Authorization", "").removeprefix("Bearer "))
             fault = server._fault()
+            if server.fail is not None and server.fail(body):
+                fault = "500"
             time.sleep(server.faults.latency)
             if fault == "hang":
                 time.sleep(server.faults.hang_seconds)

@@ -1,13 +1,15 @@
 """The teacher through litellm over HTTP, against the scripted local server."""
 
+import json
 import re
+import sqlite3
 
 import pytest
 from omegaconf import OmegaConf
 
 from stat_exp.config import TeacherConfig
 from stat_exp.skills import label_questions
-from stat_exp.teacher.client import BudgetExceeded, Teacher
+from stat_exp.teacher.client import BudgetExceeded, Request, Teacher, _cache_key
 from teacher_server import Faults, TeacherServer
 
 CATALOGUE = {"Algebra": ["linear_equations", "factoring", "quadratics"], "Geometry": ["triangles", "circles"]}
@@ -93,6 +95,11 @@ def test_budget_cap_stops_keeps_paid_answers_and_a_rerun_resumes(tmp_path):
             label_questions(teacher, rows, CATALOGUE, max_skills=5)
         paid = server.requests
         assert 0 < paid < 40 and teacher.usage.cost_usd >= 0.0001
+        # One request at a time, so the run stops within one request's cost of the cap.
+        costs = [json.loads(v)["cost_usd"] for (v,) in
+                 sqlite3.connect(tmp_path / "teacher.sqlite").execute("SELECT value FROM answers")]
+        assert len(costs) == paid and all(c > 0 for c in costs)
+        assert sum(costs) - max(costs) < 0.0001 <= sum(costs) == pytest.approx(teacher.usage.cost_usd)
 
         resumed = Teacher(teacher_config(server, model="openai/gpt-4o-mini", concurrency=1), tmp_path)
         records = label_questions(resumed, rows, CATALOGUE, max_skills=5)
@@ -105,3 +112,54 @@ def test_missing_key_variable_is_named(tmp_path, monkeypatch):
     cfg = OmegaConf.structured(TeacherConfig(name="x", model="openai/gpt-4o-mini", api_key_env="STAT_NO_SUCH_KEY"))
     with pytest.raises(ValueError, match="STAT_NO_SUCH_KEY"):
         Teacher(cfg, tmp_path)
+
+
+def test_failed_answers_are_not_cached_and_a_rerun_asks_them_again(tmp_path):
+    rows = questions(6)
+    with TeacherServer(labeller, fail=lambda body: "Question 3 " in body["messages"][-1]["content"]) as server:
+        cfg = teacher_config(server, max_retries=1)
+        records = label_questions(Teacher(cfg, tmp_path), rows, CATALOGUE, max_skills=5)
+        assert records[3]["skills"] == [] and "InternalServerError" in records[3]["error"]
+        assert server.requests == 5 + 2  # question 3 was tried twice
+        server.fail = None  # the provider recovers
+        again = Teacher(cfg, tmp_path)
+        records = label_questions(again, rows, CATALOGUE, max_skills=5)
+    assert records[3]["skills"] == ["linear_equations", "factoring"] and records[3]["error"] is None
+    assert again.usage.cache_hits == 5 and again.usage.calls == 1 and server.requests == 8
+
+
+def test_requests_per_minute_spaces_request_starts(tmp_path):
+    with TeacherServer(labeller) as server:
+        label_questions(Teacher(teacher_config(server, requests_per_minute=600), tmp_path), questions(6), CATALOGUE,
+                        max_skills=5)
+    gaps = [b - a for a, b in zip(server.arrivals, server.arrivals[1:])]
+    assert len(gaps) == 5 and min(gaps) > 0.08  # 600 a minute: one start every 0.1 s, although 16 may be in flight
+    assert server.arrivals[-1] - server.arrivals[0] < 1.5
+
+
+def test_a_second_server_under_the_same_model_name_is_asked_not_answered_from_the_cache(tmp_path):
+    rows = questions(1)  # a geometry question about triangles
+    with TeacherServer(labeller) as first, TeacherServer(lambda body: "<skill>circles</skill>") as second:
+        label_questions(Teacher(teacher_config(first), tmp_path), rows, CATALOGUE, max_skills=5)
+        records = label_questions(Teacher(teacher_config(second), tmp_path), rows, CATALOGUE, max_skills=5)
+    assert second.requests == 1 and records[0]["skills"] == ["circles"]
+
+
+def test_cache_key_changes_with_everything_that_changes_the_answer():
+    request = Request("diagnosis", ({"role": "user", "content": "q"},), sample=0)
+    params = {"temperature": 0.0, "max_tokens": 16}
+    base = dict(model="openai/m", request=request, params=params, attempt=0, api_base="http://a/v1")
+    variants = [
+        {"model": "openai/other"},
+        {"api_base": "http://b/v1"},
+        {"api_base": None},
+        {"request": Request("diagnosis", ({"role": "user", "content": "q2"},), sample=0)},
+        {"request": Request("diagnosis", ({"role": "system", "content": "q"},), sample=0)},
+        {"request": Request("diagnosis", ({"role": "user", "content": "q"},), sample=1)},
+        {"params": {"temperature": 0.7, "max_tokens": 16}},
+        {"params": {"temperature": 0.0, "max_tokens": 32}},
+        {"attempt": 1},
+    ]
+    keys = [_cache_key(**(base | change)) for change in [{}, *variants]]
+    assert len(set(keys)) == len(keys)
+    assert _cache_key(**base) == _cache_key(**base)  # and the same request gets the same key

@@ -1,7 +1,7 @@
 """The teacher client: litellm calls, concurrent, retried, rate-limited, cached and paid for.
 
-Every answer is stored in an SQLite cache keyed by (model, messages, sampling, sample index,
-attempt), so a rerun, or another member of a sweep, gets it back without a call. Answers the
+Every answer is stored in an SQLite cache keyed by (model, api_base, messages, sampling, sample
+index, attempt), so a rerun, or another member of a sweep, gets it back without a call. Answers the
 parser rejects are retried with fresh samples and, when every attempt fails, kept raw and
 counted. `max_cost_usd` stops new calls once a run has spent it; what was paid is cached.
 """
@@ -177,7 +177,7 @@ class Teacher:
         if attempt > 0:
             temperature = max(temperature, self.cfg.parse_retry_temperature)
         params = {"temperature": temperature, "max_tokens": sampling.max_tokens}
-        key = _cache_key(self._cache_model, request, params, attempt)
+        key = _cache_key(self._cache_model, request, params, attempt, api_base=self.cfg.api_base)
         cached = self.cache.get(key)
         if cached is not None:
             self.usage.cache_hits += 1
@@ -277,8 +277,9 @@ def _api_key(cfg: TeacherConfig) -> str | None:
     return "EMPTY" if cfg.api_base else None
 
 
-def _cache_key(model: str, request: Request, params: dict, attempt: int) -> str:
-    payload = {"model": model, "messages": request.messages, "params": params,
+def _cache_key(model: str, request: Request, params: dict, attempt: int, *, api_base: str | None = None) -> str:
+    # Two servers can serve different weights under one model name: where it was asked is part of the answer.
+    payload = {"model": model, "api_base": api_base, "messages": request.messages, "params": params,
                "sample": request.sample, "attempt": attempt}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
