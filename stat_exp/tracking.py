@@ -7,12 +7,14 @@ keeps only the files. wandb is imported only when a W&B run is started.
 import json
 import logging
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from stat_exp.config import mask_secrets
+from stat_exp.config import MASK, is_secret, mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -80,29 +82,49 @@ def _start_wandb(cfg: DictConfig, run_dir: Path):
     import wandb
 
     mode = cfg.logger.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    run = wandb.init(
-        project=cfg.logger.project,
-        entity=cfg.logger.entity,
-        group=cfg.experiment_name,
-        job_type=cfg.variant.name,  # the dashboard compares variants side by side
-        name=_run_name(run_dir),
-        tags=list(cfg.logger.tags),
-        config=resolved_config(cfg),
-        dir=str(run_dir),
-        mode=mode,
-        reinit="finish_previous",  # a multirun job never writes into the previous job's run
-    )
+    # W&B records the command line with the run: an override that sets a secret must not reach it.
+    argv, sys.argv = sys.argv, [_masked_override(arg) for arg in sys.argv]
+    try:
+        run = wandb.init(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            group=cfg.experiment_name,
+            job_type=cfg.variant.name,  # the dashboard compares variants side by side
+            name=_run_name(run_dir),
+            tags=list(cfg.logger.tags),
+            config=resolved_config(cfg),
+            dir=str(run_dir),
+            mode=mode,
+            reinit="finish_previous",  # a multirun job never writes into the previous job's run
+        )
+    finally:
+        sys.argv = argv
     log.info("W&B run %s (%s) in %s", run.id, mode, run_dir)
     return run
 
 
-def _run_name(run_dir: Path) -> str:
-    """The job's overrides (e.g. `model=qwen,variant=sel`), else the run folder's name."""
-    from hydra.core.hydra_config import HydraConfig
+def _masked_override(arg: str) -> str:
+    """`key=value` with the value masked when the key names a secret; any other argument as it is."""
+    key, sep, _ = arg.partition("=")
+    return f"{key}={MASK}" if sep and is_secret(key.split(".")[-1]) else arg
 
-    if HydraConfig.initialized():
-        return HydraConfig.get().job.override_dirname or run_dir.name
-    return run_dir.name
+
+def _run_name(run_dir: Path) -> str:
+    """The job's overrides (e.g. `model=qwen,variant=sel`), else the run folder's name.
+
+    Hydra's `override_dirname`, rebuilt the way Hydra builds it, but with the value of an override
+    that sets a secret (`+x.hf_token=...`) masked: the name reaches metrics.json and W&B.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not HydraConfig.initialized():
+        return run_dir.name
+    hydra_cfg = HydraConfig.get()
+    spec = hydra_cfg.job.config.override_dirname
+    overrides = OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task))
+    lines = sorted(_masked_override(o.input_line) for o in overrides if o.key_or_group not in spec.exclude_keys)
+    return re.sub("=", spec.kv_sep, spec.item_sep.join(lines)) or run_dir.name
 
 
 def _flatten(node: dict, prefix: str = "") -> dict:

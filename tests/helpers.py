@@ -20,11 +20,11 @@ def compose_config(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
-def run_cli(*args: str, timeout: int = 600) -> str:
-    """`python -m stat_exp *args` from the repository root, W&B offline and with no API key;
-    fails the test unless it exits 0, else returns what it printed."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    env.pop("WANDB_API_KEY", None)
+def run_cli(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> str:
+    """`python -m stat_exp *args` from the repository root, W&B offline and with no API key
+    (unless `env`, added last, sets one); fails the test unless it exits 0, else returns what it printed."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"} | {"WANDB_API_KEY": None} | (env or {})
+    env = {k: v for k, v in env.items() if v is not None}
     out = subprocess.run([sys.executable, "-m", "stat_exp", *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-4000:]

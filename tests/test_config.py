@@ -48,16 +48,24 @@ def test_unknown_group_option_fails():
         compose_config("model=qwn")
 
 
-def test_secrets_are_masked_but_sampling_fields_kept():
-    cfg = {"teacher": {"api_key": "sk-live", "max_tokens": 512, "hf_token": "hf_x", "base": {"secret": None},
-                       "api_key_env": "OPENAI_API_KEY"},
-           "model": {"tiny": {"tokenizer_corpus_size": 10}}}
-    masked = mask_secrets(cfg)
-    assert masked["teacher"]["api_key"] == MASK and masked["teacher"]["hf_token"] == MASK
-    assert masked["teacher"]["max_tokens"] == 512 and masked["teacher"]["api_key_env"] == "OPENAI_API_KEY"
-    assert masked["teacher"]["base"]["secret"] is None
-    assert masked["model"]["tiny"]["tokenizer_corpus_size"] == 10
-    assert cfg["teacher"]["api_key"] == "sk-live"  # the original is untouched
+SECRET_NAMES = ["api_key", "key", "hf_token", "token", "access_token", "aws_secret_access_key", "private_key",
+                "client_secret", "credentials", "gcp_credential_file", "password", "db_passwd", "apiKey",
+                "accessToken", "api_keys", "WANDB_API_KEY", "secret"]
+NOT_SECRET_NAMES = ["max_tokens", "api_key_env", "tokenizer_corpus_size", "num_prompt_tokens", "completion_tokens",
+                    "max_new_tokens", "pad_token_id", "num_key_value_heads", "keyword", "name"]
+
+
+@pytest.mark.parametrize("name", SECRET_NAMES)
+def test_a_key_that_names_a_secret_is_masked_at_any_depth(name):
+    cfg = {name: "CANARY", "teacher": {name: "CANARY", "base": {name: None}}, "list": [{name: 123}]}
+    assert mask_secrets(cfg) == {name: MASK, "teacher": {name: MASK, "base": {name: None}}, "list": [{name: MASK}]}
+    assert cfg[name] == "CANARY"  # the original is untouched
+
+
+@pytest.mark.parametrize("name", NOT_SECRET_NAMES)
+def test_a_key_that_names_no_secret_is_kept(name):
+    cfg = {"teacher": {name: 512}, "list": [{name: "OPENAI_API_KEY"}]}
+    assert mask_secrets(cfg) == cfg
 
 
 @pytest.mark.parametrize("sweep", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
