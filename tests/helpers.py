@@ -11,7 +11,9 @@ from hydra import compose, initialize_config_dir
 from stat_exp.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# ../shared/data beside the repository; searched upwards so that a copy inside it (mutmut's mutants/) finds it too.
+SHARED_DATA = next((p / "shared" / "data" for p in ROOT.parents if (p / "shared" / "data").is_dir()),
+                   ROOT.parent / "shared" / "data")
 
 
 def compose_config(*overrides: str):

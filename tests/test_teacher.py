@@ -128,13 +128,34 @@ def test_failed_answers_are_not_cached_and_a_rerun_asks_them_again(tmp_path):
     assert again.usage.cache_hits == 5 and again.usage.calls == 1 and server.requests == 8
 
 
+def plain_requests(prefix: str, n: int) -> list[Request]:
+    return [Request("diagnosis", ({"role": "user", "content": f"{prefix} {i}"},)) for i in range(n)]
+
+
+def spaced_arrivals(server: TeacherServer, teacher: Teacher, *batches: int) -> list[float]:
+    """Gaps between the server's arrivals of `batches` asked one ask() after another, after a warm-up
+    call (litellm's first call blocks the event loop long enough for every start to fall due)."""
+    teacher.ask(plain_requests("warm-up", 1), str)
+    server.arrivals.clear()
+    for i, n in enumerate(batches):
+        teacher.ask(plain_requests(f"batch {i}", n), str)
+    return [b - a for a, b in zip(server.arrivals, server.arrivals[1:])]
+
+
 def test_requests_per_minute_spaces_request_starts(tmp_path):
-    with TeacherServer(labeller) as server:
-        label_questions(Teacher(teacher_config(server, requests_per_minute=600), tmp_path), questions(6), CATALOGUE,
-                        max_skills=5)
-    gaps = [b - a for a, b in zip(server.arrivals, server.arrivals[1:])]
-    assert len(gaps) == 5 and min(gaps) > 0.08  # 600 a minute: one start every 0.1 s, although 16 may be in flight
-    assert server.arrivals[-1] - server.arrivals[0] < 1.5
+    with TeacherServer(lambda body: "ok") as server:
+        gaps = spaced_arrivals(server, Teacher(teacher_config(server, requests_per_minute=300), tmp_path), 6)
+    # 300 a minute: one start every 0.2 s although 16 may be in flight; an arrival lags its start by a
+    # varying few ms, so the typical gap and the whole span are checked, not each gap.
+    assert len(gaps) == 5 and sorted(gaps)[2] > 0.15 and 0.8 < sum(gaps) < 3.0
+
+
+@pytest.mark.xfail(strict=True, reason="the spacing restarts with each ask() (client._ask_all resets _next_start), "
+                                       "so a stage asking in several batches bursts at each batch's start")
+def test_requests_per_minute_holds_across_ask_calls(tmp_path):
+    with TeacherServer(lambda body: "ok") as server:
+        gaps = spaced_arrivals(server, Teacher(teacher_config(server, requests_per_minute=60), tmp_path), 2, 2)
+    assert min(gaps) > 0.7  # one start a second; the second batch's first request comes at once
 
 
 def test_a_second_server_under_the_same_model_name_is_asked_not_answered_from_the_cache(tmp_path):
