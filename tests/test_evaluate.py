@@ -6,7 +6,8 @@ import json
 import pytest
 
 from helpers import SHARED_DATA, compose_config
-from stat_exp.evaluate import summarize
+from stat_exp.config import EvalConfig, GeneratorConfig, ModelConfig
+from stat_exp.evaluate import evaluate, summarize
 from stat_exp.pipeline import run
 from stat_exp.store import read_jsonl, write_jsonl
 from stat_exp.student.replay import recorded_responses
@@ -62,13 +63,23 @@ K1_EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("records,expected", [(K3, K3_EXPECTED), (K1, K1_EXPECTED)], ids=["k=3", "k=1"])
+# Two samples: the smallest k with @k metrics.
+K2 = [
+    record("A", None, [], [F, T], [F, T], [None, "1"]),
+    record("A", None, [], [F, F], [F, F], ["2", "3"]),
+]
+K2_EXPECTED = {"n": 2, "pass@1": 0.0, "strict_pass@1": 0.0, "no_answer": 0.5, "avg@2": 0.25, "pass@2": 0.5,
+               "strict_avg@2": 0.25, "strict_pass@2": 0.5, "by_subject": {"A": {"n": 2, "accuracy": 0.25}}}
+
+
+@pytest.mark.parametrize("records,expected", [(K3, K3_EXPECTED), (K2, K2_EXPECTED), (K1, K1_EXPECTED)],
+                         ids=["k=3", "k=2", "k=1"])
 def test_summary_matches_hand_computed_metrics(records, expected):
     assert summarize(records) == expected
 
 
 def test_summary_of_no_questions_fails():
-    with pytest.raises(ValueError, match="no questions"):
+    with pytest.raises(ValueError, match="^cannot summarise an evaluation with no questions$"):
         summarize([])
 
 
@@ -84,6 +95,36 @@ def test_replay_matches_questions_by_problem_and_names_a_missing_one(tmp_path):
         recorded_responses(path, rows[1:], 4)
     with pytest.raises(FileNotFoundError, match="replay_from='.*nothing.jsonl'"):
         recorded_responses(tmp_path / "nothing.jsonl", rows, 1)
+
+
+def test_evaluate_grades_replayed_responses_writes_the_rows_and_summarises(tmp_path):
+    previous = tmp_path / "previous.jsonl"
+    write_jsonl(previous, [{"problem": "P1", "responses": ["\\boxed{0.5}", "no answer"]},
+                           {"problem": "P2", "responses": ["\\boxed{3}", "\\boxed{4}"]}])
+    rows = [{"id": "a", "problem": "P1", "answer": "\\frac{1}{2}", "subject": "Algebra", "level": 1, "skills": ["frac"]},
+            {"id": "b", "problem": "P2", "answer": "3"}]
+    gen_cfg = GeneratorConfig(backend="replay", replay_from=str(previous))
+    metrics = evaluate(rows, tmp_path, cfg=EvalConfig(samples=2), gen_cfg=gen_cfg, model_cfg=ModelConfig(name="unused"),
+                       model_path="unused")
+    assert read_jsonl(tmp_path / "rows.jsonl") == [
+        {"id": "a", "problem": "P1", "subject": "Algebra", "level": 1, "skills": ["frac"], "answer": "\\frac{1}{2}",
+         "responses": ["\\boxed{0.5}", "no answer"], "predictions": ["0.5", None], "correct": [True, False],
+         "strict": [False, False]},  # 0.5 equals 1/2 for math-verify, not as a string
+        {"id": "b", "problem": "P2", "subject": None, "level": None, "skills": [], "answer": "3",
+         "responses": ["\\boxed{3}", "\\boxed{4}"], "predictions": ["3", "4"], "correct": [True, False],
+         "strict": [True, False]},
+    ]
+    assert metrics == {"n": 2, "pass@1": 1.0, "strict_pass@1": 0.5, "no_answer": 0.0, "avg@2": 0.5, "pass@2": 1.0,
+                       "strict_avg@2": 0.25, "strict_pass@2": 0.5,
+                       "by_subject": {"Algebra": {"n": 1, "accuracy": 0.5}},
+                       "by_level": {"1": {"n": 1, "accuracy": 0.5}},
+                       "by_skill": {"frac": {"n": 1, "accuracy": 0.5}}}
+
+
+def test_replay_without_a_file_to_replay_fails_naming_the_setting(tmp_path):
+    with pytest.raises(ValueError, match="generator=replay needs generator.replay_from"):
+        evaluate([{"id": "a", "problem": "P1", "answer": "1"}], tmp_path, cfg=EvalConfig(),
+                 gen_cfg=GeneratorConfig(backend="replay"), model_cfg=ModelConfig(name="unused"), model_path="unused")
 
 
 # The first three MATH500 questions (answers (3, pi/2), p - q, 14/3), each answered twice.
