@@ -7,7 +7,7 @@ import pytest
 
 from helpers import SHARED_DATA, compose_config
 from stat_exp.config import EvalConfig, GeneratorConfig, ModelConfig
-from stat_exp.evaluate import evaluate, summarize
+from stat_exp.evaluate import evaluate, grade_responses, summarize
 from stat_exp.pipeline import run
 from stat_exp.store import read_jsonl, write_jsonl
 from stat_exp.student.replay import recorded_responses
@@ -119,6 +119,11 @@ def test_evaluate_grades_replayed_responses_writes_the_rows_and_summarises(tmp_p
                        "by_subject": {"Algebra": {"n": 1, "accuracy": 0.5}},
                        "by_level": {"1": {"n": 1, "accuracy": 0.5}},
                        "by_skill": {"frac": {"n": 1, "accuracy": 0.5}}}
+
+
+def test_grading_fewer_response_lists_than_questions_fails():
+    with pytest.raises(ValueError):
+        grade_responses([{"id": "a", "answer": "1"}, {"id": "b", "answer": "2"}], [["\\boxed{1}"]], EvalConfig())
 
 
 def test_replay_without_a_file_to_replay_fails_naming_the_setting(tmp_path):

@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 from omegaconf import OmegaConf
 
 from stat_exp.config import TeacherConfig
@@ -50,3 +51,19 @@ def test_profile_counts_match_the_diagnoses_and_malformed_answers_are_kept(tmp_p
 
     png = plot_profiles({"before": summary["profile"], "after": {"factoring": 1}}, tmp_path / "profile.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_diagnosis_prompt_shows_subject_reference_solution_and_answer(tmp_path):
+    record = {"id": "q", "problem": "Question 0", "subject": "Algebra", "answer": "42",
+              "solution": "Reference steps S0.", "responses": ["Response 0a"]}
+    with TeacherServer(lambda body: DIAGNOSES[0]) as server:
+        cfg = OmegaConf.structured(TeacherConfig(name="local", model="openai/scripted", api_base=server.url))
+        diagnose(Teacher(cfg, tmp_path), [record], [{"difficult": True, "response": 0}], CATALOGUE)
+        (prompt,) = [b["messages"][-1]["content"] for b in server.bodies]
+    assert "a problem in Algebra from" in prompt and "Reference steps S0." in prompt
+    assert "## Reference final answer\n42\n" in prompt and "## Skills for Algebra" in prompt
+
+
+def test_records_and_verdicts_of_different_lengths_fail():
+    with pytest.raises(ValueError):
+        diagnose(None, records(), [{"difficult": True, "response": 0}], CATALOGUE)
