@@ -127,7 +127,7 @@ def test_grading_fewer_response_lists_than_questions_fails():
 
 
 def test_replay_without_a_file_to_replay_fails_naming_the_setting(tmp_path):
-    with pytest.raises(ValueError, match="generator=replay needs generator.replay_from"):
+    with pytest.raises(ValueError, match="^generator=replay needs generator.replay_from"):
         evaluate([{"id": "a", "problem": "P1", "answer": "1"}], tmp_path, cfg=EvalConfig(),
                  gen_cfg=GeneratorConfig(backend="replay"), model_cfg=ModelConfig(name="unused"), model_path="unused")
 

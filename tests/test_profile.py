@@ -40,6 +40,7 @@ def test_profile_counts_match_the_diagnoses_and_malformed_answers_are_kept(tmp_p
 
     assert [d["id"] for d in diagnoses] == ["q0", "q1", "q2", "q3", "q4"]
     assert any("Response 1b" in p for p in sent) and any("Response 0a" in p for p in sent)  # the flagged sample
+    assert not any("## Reference solution" in p for p in sent)  # the records have none to show
     assert diagnoses[1]["skills"] == ["factoring"] and diagnoses[1]["unknown"] == ["made_up"]
     assert diagnoses[2]["judge"] == "correct" and diagnoses[2]["skills"] == []
     assert diagnoses[3]["judge"] is None and diagnoses[3]["raw"] == DIAGNOSES[3] and diagnoses[3]["error"]
