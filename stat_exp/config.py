@@ -121,11 +121,12 @@ class ModelConfig:
 
 @dataclass
 class GeneratorConfig:
-    backend: str = "hf"  # hf (transformers, CPU default) | vllm (GPU, optional extra)
+    backend: str = "hf"  # hf (transformers, CPU default) | vllm (GPU, optional extra) | replay (recorded answers)
     batch_size: int = 16  # prompts per forward batch (hf)
     device: str = "auto"  # auto | cpu | cuda (hf)
     tensor_parallel_size: int = 1  # vllm
     gpu_memory_utilization: float = 0.9  # vllm
+    replay_from: Optional[str] = None  # replay: a previous run's rows.jsonl whose responses are graded again
 
 
 @dataclass
@@ -345,9 +346,13 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=StatConfig)
 
 
-# A key ending in one of these words holds a secret: hf_token and api_key do; max_tokens,
-# tokenizer_* and api_key_env (the name of a variable, not its value) do not.
-SECRET_KEY = re.compile(r"(^|_)(api_?key|access_key|token|secret|password)$", re.IGNORECASE)
+# A key holds a secret when its last word (after `_`, `-` or `.`) ends in `key`, `keys` or `token`
+# (api_key, private_key, aws_secret_access_key, hf_token, apiKey), or it contains `secret`,
+# `password`, `passwd` or `credential` anywhere. Names whose last word is something else name no
+# secret: max_tokens and num_*_tokens (counts), tokenizer_*, pad_token_id, num_key_value_heads,
+# api_key_env (the name of a variable, not its value).
+SECRET_LAST_WORD = re.compile(r"(key|keys|token)$")
+SECRET_PART = re.compile(r"secret|password|passwd|credential")
 MASK = "***"
 
 
@@ -355,7 +360,7 @@ def mask_secrets(node: Any) -> Any:
     """A copy of a plain config container with every secret-looking value replaced by ***."""
     if isinstance(node, dict):
         return {
-            k: MASK if _is_secret(k) and node[k] not in (None, "") else mask_secrets(node[k])
+            k: MASK if is_secret(k) and node[k] not in (None, "") else mask_secrets(node[k])
             for k in node
         }
     if isinstance(node, list):
@@ -363,5 +368,7 @@ def mask_secrets(node: Any) -> Any:
     return node
 
 
-def _is_secret(key: Any) -> bool:
-    return bool(SECRET_KEY.search(str(key)))
+def is_secret(key: Any) -> bool:
+    """Whether a config key (its last dotted part, e.g. of an override) names a secret."""
+    name = str(key).lower()
+    return bool(SECRET_LAST_WORD.search(re.split(r"[_.\-]", name)[-1]) or SECRET_PART.search(name))

@@ -1,7 +1,8 @@
 """Evaluation: the student answers a benchmark; answers are graded; accuracy is summarised.
 
 pass@1 grades the first sample; with k > 1 samples avg@k is the mean accuracy over all k
-(the unbiased pass@1 estimate) and pass@k counts a question solved when any sample is right.
+(the unbiased pass@1 estimate) and pass@k counts a question solved when any sample is right;
+each has a `strict_` twin computed from the strict (normalised-string) grades.
 Breakdowns by subject, level and (when labelled) skill use avg@k.
 """
 
@@ -36,6 +37,12 @@ def answer_questions(
     seed: int,
 ) -> list[list[str]]:
     """The student's zero-shot answers to `rows`, `samples` per question, in order."""
+    if gen_cfg.backend == "replay":  # recorded answers, matched by question: no model, no prompts
+        from stat_exp.student.replay import recorded_responses
+
+        if not gen_cfg.replay_from:
+            raise ValueError("generator=replay needs generator.replay_from: the rows.jsonl of a previous run")
+        return recorded_responses(gen_cfg.replay_from, rows, samples)
     from stat_exp.student.generation import make_generator
     from stat_exp.student.models import format_prompt, load_tokenizer
 
@@ -102,6 +109,7 @@ def summarize(records: Sequence[dict]) -> dict:
         metrics[f"avg@{k}"] = mean(mean(r["correct"]) for r in records)
         metrics[f"pass@{k}"] = mean(any(r["correct"]) for r in records)
         metrics[f"strict_avg@{k}"] = mean(mean(r["strict"]) for r in records)
+        metrics[f"strict_pass@{k}"] = mean(any(r["strict"]) for r in records)
     for group in ("subject", "level", "skill"):
         breakdown = _breakdown(records, group)
         if breakdown:

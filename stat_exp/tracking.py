@@ -9,12 +9,14 @@ import hashlib
 import json
 import logging
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from stat_exp.config import mask_secrets
+from stat_exp.config import MASK, is_secret, mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -126,46 +128,59 @@ def _start_wandb(cfg: DictConfig, run_dir: Path):
 
     mode, why = wandb_mode(cfg)
     log.info("W&B %s: %s", mode, why)
-    run = wandb.init(
-        project=cfg.logger.project,
-        entity=cfg.logger.entity,
-        group=cfg.experiment_name,
-        job_type=cfg.variant.name,  # the dashboard compares variants side by side
-        name=_run_name(run_dir),
-        tags=list(cfg.logger.tags),
-        config=resolved_config(cfg),
-        dir=str(run_dir),
-        mode=mode,
-        reinit="finish_previous",  # a multirun job never writes into the previous job's run
-        # One id per run folder: a job requeued after preemption or a time-out goes on in the same run.
-        id=hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12],
-        resume="allow",
-    )
+    # W&B records the command line with the run: an override that sets a secret must not reach it.
+    argv, sys.argv = sys.argv, [_masked_override(arg) for arg in sys.argv]
+    try:
+        run = wandb.init(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            group=cfg.experiment_name,
+            job_type=cfg.variant.name,  # the dashboard compares variants side by side
+            name=_run_name(run_dir),
+            tags=list(cfg.logger.tags),
+            config=resolved_config(cfg),
+            dir=str(run_dir),
+            mode=mode,
+            reinit="finish_previous",  # a multirun job never writes into the previous job's run
+            # One id per run folder: a job requeued after preemption or a time-out goes on in the same run.
+            id=hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12],
+            resume="allow",
+        )
+    finally:
+        sys.argv = argv
     log.info("W&B run %s (%s) in %s", run.id, mode, run_dir)
     return run
 
 
-def _run_name(run_dir: Path) -> str:
-    """The job's overrides (e.g. `model=qwen,variant=sel`), else the run folder's name."""
-    from hydra.core.hydra_config import HydraConfig
+def _masked_override(arg: str) -> str:
+    """`key=value` with the value masked when the key names a secret; any other argument as it is."""
+    key, sep, _ = arg.partition("=")
+    return f"{key}={MASK}" if sep and is_secret(key.split(".")[-1]) else arg
 
-    if HydraConfig.initialized():
-        return HydraConfig.get().job.override_dirname or run_dir.name
-    return run_dir.name
+
+def _run_name(run_dir: Path) -> str:
+    """The job's overrides (e.g. `model=qwen,variant=sel`), else the run folder's name.
+
+    Hydra's `override_dirname`, rebuilt the way Hydra builds it, but with the value of an override
+    that sets a secret (`+x.hf_token=...`) masked: the name reaches metrics.json and W&B.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not HydraConfig.initialized():
+        return run_dir.name
+    hydra_cfg = HydraConfig.get()
+    spec = hydra_cfg.job.config.override_dirname
+    overrides = OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task))
+    lines = sorted(_masked_override(o.input_line) for o in overrides if o.key_or_group not in spec.exclude_keys)
+    return re.sub("=", spec.kv_sep, spec.item_sep.join(lines)) or run_dir.name
 
 
 def _overrides() -> list[str]:
-    """The command-line overrides that made this job (a sweep job's own values included)."""
+    """The command-line overrides that made this job (a sweep job's own values included), secrets masked."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not HydraConfig.initialized():
-        return []
-    masked = []
-    for override in HydraConfig.get().overrides.task:
-        key, sep, value = override.partition("=")
-        leaf = key.lstrip("+~").split(".")[-1]
-        masked.append(key + sep + str(mask_secrets({leaf: value})[leaf]) if sep else override)
-    return masked
+    return [_masked_override(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
 
 
 def _flatten(node: dict, prefix: str = "") -> dict:

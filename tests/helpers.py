@@ -11,7 +11,9 @@ from hydra import compose, initialize_config_dir
 from stat_exp.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# ../shared/data beside the repository; searched upwards so that a copy inside it (mutmut's mutants/) finds it too.
+SHARED_DATA = next((p / "shared" / "data" for p in ROOT.parents if (p / "shared" / "data").is_dir()),
+                   ROOT.parent / "shared" / "data")
 
 
 def compose_config(*overrides: str):
@@ -20,12 +22,12 @@ def compose_config(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
-def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> str:
-    """`python -m stat_exp *args` from the repository root, W&B offline and with no API key;
-    fails the test unless it exits 0, else returns what it printed."""
-    # Tests never reach the hub (the preflight would otherwise ask whether it answers).
-    env = {**(env or os.environ), "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
-    env.pop("WANDB_API_KEY", None)
+def run_cli(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> str:
+    """`python -m stat_exp *args` from the repository root, W&B offline, with no API key and no hub
+    (unless `env`, added last, sets them); fails the test unless it exits 0, else returns what it printed."""
+    env = ({**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+           | {"WANDB_API_KEY": None} | (env or {}))
+    env = {k: v for k, v in env.items() if v is not None}
     out = subprocess.run([sys.executable, "-m", "stat_exp", *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -4,7 +4,7 @@ The teacher reaches it through litellm over HTTP exactly as it reaches OpenAI. I
 requests, and can add latency and inject 429/500 responses or hangs (client time-outs), answer
 every request with an error no retry fixes (401, 403, 404, 400), send 429s with `Retry-After`,
 and report prompt tokens served from a prompt cache as OpenAI does.
-It also serves OpenAI's Batch API (`/v1/files`, `/v1/batches`): a batch runs through the same
+It records when each request arrived, and also serves OpenAI's Batch API (`/v1/files`, `/v1/batches`): a batch runs through the same
 responder, ends after `batch_polls` retrievals, and ends as `batch_outcomes` says.
 """
 
@@ -64,6 +64,7 @@ class TeacherServer:
     batches: dict = field(default_factory=dict)  # batch id -> the batch object, as last returned
     files: dict = field(default_factory=dict)  # file id -> content (uploaded inputs, written outputs)
     cached_tokens: int = 0  # prompt tokens reported as read from the prompt cache (at most the prompt's)
+    arrivals: list = field(default_factory=list)  # time.monotonic() at each request's arrival
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -111,6 +112,8 @@ def _handler(server: TeacherServer):
             if not self.path.endswith("/chat/completions"):
                 return self._batch_api()
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with server._lock:
+                server.arrivals.append(time.monotonic())
             server.api_keys.add(self.headers.get("Authorization", "").removeprefix("Bearer "))
             fault = server._fault()
             time.sleep(server.faults.latency)

@@ -17,9 +17,22 @@ def job(name: str, variant: str, base: float, after: float, by_skill: dict[str, 
 RUNS = [job("seed=1,variant=sel", "sel", 0.5, 0.8, {"add": 0.9, "multiply": 0.7}, {"multiply": 9, "add": 1}),
         job("seed=1,variant=train", "train", 0.5, 0.6, {"add": 0.8, "multiply": 0.4})]
 
+# compare(RUNS) worked out by hand: names without the shared `seed=1`, gains after - base, the
+# base's per-skill accuracy (0.5 everywhere) beside the fine-tuned one, the first run's profile.
+EXPECTED = {
+    "benchmarks": {"test": [
+        {"run": "variant=sel", "variant": "sel", "stage": "sft", "base": 0.5, "after": 0.8, "gain": 0.3,
+         "base_by_skill": {"add": 0.5, "multiply": 0.5}, "after_by_skill": {"add": 0.9, "multiply": 0.7}},
+        {"run": "variant=train", "variant": "train", "stage": "sft", "base": 0.5, "after": 0.6, "gain": 0.1,
+         "base_by_skill": {"add": 0.5, "multiply": 0.5}, "after_by_skill": {"add": 0.8, "multiply": 0.4}},
+    ]},
+    "profile": {"multiply": 9, "add": 1},
+}
+
 
 def test_compare_names_runs_by_what_differs_and_reports_gains() -> None:
     comparison = compare(RUNS)
+    assert comparison == EXPECTED
     rows = comparison["benchmarks"]["test"]
     assert [r["run"] for r in rows] == ["variant=sel", "variant=train"]
     assert [r["gain"] for r in rows] == [0.3, 0.1] and rows[1]["after_by_skill"]["multiply"] == 0.4
@@ -36,7 +49,7 @@ def test_summarize_sweep_writes_the_comparison(tmp_path: Path) -> None:
         (tmp_path / str(i)).mkdir()
         (tmp_path / str(i) / "metrics.json").write_text(json.dumps(metrics))
     summarize_sweep(tmp_path)
-    assert json.loads((tmp_path / "summary.json").read_text()) == compare(RUNS)
+    assert json.loads((tmp_path / "summary.json").read_text()) == EXPECTED
     assert "| variant=train | train |" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "skill_accuracy_test.png").read_bytes()[:4] == b"\x89PNG"
 

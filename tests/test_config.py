@@ -48,26 +48,54 @@ def test_unknown_group_option_fails():
         compose_config("model=qwn")
 
 
-def test_secrets_are_masked_but_sampling_fields_kept():
-    cfg = {"teacher": {"api_key": "sk-live", "max_tokens": 512, "hf_token": "hf_x", "base": {"secret": None},
-                       "api_key_env": "OPENAI_API_KEY"},
-           "model": {"tiny": {"tokenizer_corpus_size": 10}}}
-    masked = mask_secrets(cfg)
-    assert masked["teacher"]["api_key"] == MASK and masked["teacher"]["hf_token"] == MASK
-    assert masked["teacher"]["max_tokens"] == 512 and masked["teacher"]["api_key_env"] == "OPENAI_API_KEY"
-    assert masked["teacher"]["base"]["secret"] is None
-    assert masked["model"]["tiny"]["tokenizer_corpus_size"] == 10
-    assert cfg["teacher"]["api_key"] == "sk-live"  # the original is untouched
+SECRET_NAMES = ["api_key", "key", "hf_token", "token", "access_token", "aws_secret_access_key", "private_key",
+                "client_secret", "credentials", "gcp_credential_file", "password", "db_passwd", "apiKey",
+                "accessToken", "api_keys", "WANDB_API_KEY", "secret"]
+NOT_SECRET_NAMES = ["max_tokens", "api_key_env", "tokenizer_corpus_size", "num_prompt_tokens", "completion_tokens",
+                    "max_new_tokens", "pad_token_id", "num_key_value_heads", "keyword", "name"]
 
 
-@pytest.mark.parametrize("sweep", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
-def test_sweep_files_compose_with_their_grid(sweep):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+sweeps={sweep}"], return_hydra_config=True)
-    assert cfg.hydra.sweeper.params and cfg.experiment_name == sweep
-    for key in cfg.hydra.sweeper.params:  # every swept key exists in the config
-        assert key.split("/")[0] in cfg or OmegaConf.select(cfg, key) is not None
+@pytest.mark.parametrize("name", SECRET_NAMES)
+def test_a_key_that_names_a_secret_is_masked_at_any_depth(name):
+    cfg = {name: "CANARY", "teacher": {name: "CANARY", "base": {name: None}}, "list": [{name: 123}]}
+    assert mask_secrets(cfg) == {name: MASK, "teacher": {name: MASK, "base": {name: None}}, "list": [{name: MASK}]}
+    assert cfg[name] == "CANARY"  # the original is untouched
+
+
+@pytest.mark.parametrize("name", NOT_SECRET_NAMES)
+def test_a_key_that_names_no_secret_is_kept(name):
+    cfg = {"teacher": {name: 512}, "list": [{name: "OPENAI_API_KEY"}]}
+    assert mask_secrets(cfg) == cfg
+
+
+def sweep_values(sweep: str) -> list[tuple[str, str]]:
+    """(key, value) for every value of every parameter the sweep file lists."""
+    params = OmegaConf.load(ROOT / "sweeps" / f"{sweep}.yaml").hydra.sweeper.params
+    return [(key, value.strip()) for key, values in params.items() for value in str(values).split(",")]
+
+
+@pytest.mark.parametrize("sweep,key,value", [
+    (s, k, v) for s in sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")) for k, v in sweep_values(s)])
+def test_every_sweep_value_composes_into_the_config(sweep, key, value):
+    """Each job of the sweep: the preset with one of its swept values, as the job would compose it."""
+    cfg = compose_config(f"+sweeps={sweep}", f"{key}={value}")
+    OmegaConf.to_container(cfg, resolve=True)
+    assert cfg.experiment_name == sweep
+    if key == "rl" and value == "none":  # conf/rl/none.yaml: the group off
+        assert cfg.rl is None
+    elif (CONF / key).is_dir():  # a config group: the option chosen
+        assert cfg[key].name == value
+    else:
+        assert OmegaConf.select(cfg, key) == pytest.approx(float(value))
+
+
+def test_sweep_grids_are_the_documented_ones():
+    variants = "sel,syn,train,augment,hard,embed_sel,embed_syn"
+    for model in ("llama1b", "llama3b", "qwen3b"):
+        assert sweep_values(f"paper_{model}") == [("variant", v) for v in f"{variants},none".split(",")] + [
+            ("rl", "none"), ("rl", "grpo")]
+    assert sweep_values("sft_lr") == [("variant", v) for v in variants.split(",")] + [
+        ("sft.learning_rate", v) for v in ["5e-4", "2e-4", "1e-4", "8e-5", "2e-5"]]  # the paper's C.1 grid
 
 
 def test_slurm_launcher_composes():

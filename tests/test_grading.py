@@ -3,10 +3,10 @@ import logging
 import multiprocessing
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
+from helpers import SHARED_DATA
 from stat_exp import grading
 from stat_exp.grading import (
     Grade,
@@ -18,13 +18,12 @@ from stat_exp.grading import (
     verify_answer,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Parsed and compared quickly; math-verify's timeouts (signal.alarm, whole seconds) stop it.
 ADVERSARIAL = r"10^{10^{10^{10}}}"
 
 
 def math500() -> list[dict]:
-    with (DATA / "math500" / "test.jsonl").open() as file:
+    with (SHARED_DATA / "math500" / "test.jsonl").open() as file:
         return [json.loads(line) for line in file]
 
 

@@ -7,6 +7,7 @@ import yaml
 from helpers import SHARED_DATA, compose_config, run_cli
 from stat_exp.pipeline import run
 from wandb_records import logged
+
 SMALL = [
     "experiment=eval_tiny",
     f"task.data_dir={SHARED_DATA}",
@@ -22,6 +23,16 @@ def small_config(tmp_path, *overrides):
     return compose_config(*SMALL, f"paths.cache_dir={tmp_path / 'cache'}", *overrides)
 
 
+def eval_rows(cache_dir) -> list[dict]:
+    (rows_path,) = cache_dir.glob("eval/*/rows.jsonl")
+    return [json.loads(line) for line in rows_path.read_text().splitlines()]
+
+
+# The first three MATH500 questions' subjects and levels.
+SUBJECTS = ["Precalculus", "Intermediate Algebra", "Algebra"]
+LEVELS = ["2", "5", "3"]
+
+
 def test_eval_only_run_writes_metrics_and_offline_wandb_then_reuses(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -29,7 +40,14 @@ def test_eval_only_run_writes_metrics_and_offline_wandb_then_reuses(tmp_path, mo
 
     metrics = run(cfg, tmp_path / "run1")
     result = metrics["eval"]["base"]["math500"]
-    assert result["n"] == 3 and 0.0 <= result["pass@1"] <= 1.0
+    rows = eval_rows(tmp_path / "cache")
+    assert set(result) == {"n", "pass@1", "strict_pass@1", "no_answer", "by_subject", "by_level"}  # one sample
+    first = [json.loads(line)["problem"] for line in (SHARED_DATA / "math500" / "test.jsonl").open()][:3]
+    assert result["n"] == 3 and [r["problem"] for r in rows] == first
+    # Each metric from the graded rows, counted here by hand.
+    assert result["pass@1"] == round(sum(r["correct"][0] for r in rows) / 3, 4)
+    assert result["no_answer"] == round(sum(r["predictions"][0] is None for r in rows) / 3, 4)
+    assert result["by_subject"] == {s: {"n": 1, "accuracy": float(r["correct"][0])} for s, r in zip(SUBJECTS, rows)}
     assert [(s["stage"], s["status"]) for s in metrics["stages"]] == [("model", "computed"), ("eval", "computed")]
     assert json.loads((tmp_path / "run1" / "metrics.json").read_text())["eval"] == metrics["eval"]
 
@@ -50,12 +68,14 @@ def test_eval_rows_hold_graded_samples(tmp_path):
     cfg = small_config(tmp_path, "logger=none", "eval.samples=2", "eval.temperature=0.8")
     metrics = run(cfg, tmp_path / "run")
     result = metrics["eval"]["base"]["math500"]
-    assert {"pass@1", "avg@2", "pass@2", "strict_pass@1"} <= set(result)
-    assert result["pass@2"] >= result["avg@2"]
-    assert set(result["by_subject"]) and all(v["n"] >= 1 for v in result["by_level"].values())
-    (eval_dir,) = [p for p in (tmp_path / "cache" / "eval").iterdir()]
-    rows = [json.loads(line) for line in (eval_dir / "rows.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and all(len(r["responses"]) == len(r["correct"]) == 2 for r in rows)
+    rows = eval_rows(tmp_path / "cache")
+    assert len(rows) == 3 and all(len(r["responses"]) == len(r["correct"]) == len(r["strict"]) == 2 for r in rows)
+    assert set(result) == {"n", "pass@1", "strict_pass@1", "no_answer", "avg@2", "pass@2", "strict_avg@2",
+                           "strict_pass@2", "by_subject", "by_level"}
+    assert result["avg@2"] == round(sum(sum(r["correct"]) / 2 for r in rows) / 3, 4)
+    assert result["pass@2"] == round(sum(any(r["correct"]) for r in rows) / 3, 4)
+    assert result["by_level"] == {level: {"n": 1, "accuracy": sum(r["correct"]) / 2}
+                                  for level, r in sorted(zip(LEVELS, rows))}
 
 
 def test_cli_runs_then_reuses_every_stage(tmp_path):

@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 from omegaconf import OmegaConf
 
 from stat_exp.config import TeacherConfig
@@ -39,6 +40,7 @@ def test_profile_counts_match_the_diagnoses_and_malformed_answers_are_kept(tmp_p
 
     assert [d["id"] for d in diagnoses] == ["q0", "q1", "q2", "q3", "q4"]
     assert any("Response 1b" in p for p in sent) and any("Response 0a" in p for p in sent)  # the flagged sample
+    assert not any("## Reference solution" in p for p in sent)  # the records have none to show
     assert diagnoses[1]["skills"] == ["factoring"] and diagnoses[1]["unknown"] == ["made_up"]
     assert diagnoses[2]["judge"] == "correct" and diagnoses[2]["skills"] == []
     assert diagnoses[3]["judge"] is None and diagnoses[3]["raw"] == DIAGNOSES[3] and diagnoses[3]["error"]
@@ -67,3 +69,8 @@ def test_the_diagnosis_sees_the_reference_only_when_configured(tmp_path):
         assert diagnosis["skills"] == ["factoring", "quadratics"]
     assert "Reference solution text" not in sent[False] and "17" not in sent[False]
     assert "## Reference solution\nReference solution text\n\n## Reference final answer\n17" in sent[True]
+
+
+def test_records_and_verdicts_of_different_lengths_fail():
+    with pytest.raises(ValueError):
+        diagnose(None, records(), [{"difficult": True, "response": 0}], CATALOGUE)

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -16,7 +17,8 @@ from helpers import ROOT
 from stat_exp.config import TeacherConfig
 from stat_exp.pipeline import _teacher_identity
 from stat_exp.skills import label_questions
-from stat_exp.teacher.client import BudgetExceeded, Request, Teacher, TeacherFailed, TeacherFatalError, _retry_after
+from stat_exp.teacher.client import (BudgetExceeded, Request, Teacher, TeacherFailed, TeacherFatalError, _cache_key,
+                                     _retry_after)
 from teacher_server import Faults, TeacherServer
 
 CATALOGUE = {"Algebra": ["linear_equations", "factoring", "quadratics"], "Geometry": ["triangles", "circles"]}
@@ -102,6 +104,11 @@ def test_budget_cap_stops_keeps_paid_answers_and_a_rerun_resumes(tmp_path):
             label_questions(teacher, rows, CATALOGUE, max_skills=5)
         paid = server.requests
         assert 0 < paid < 40 and teacher.usage.cost_usd >= 0.0001
+        # One request at a time, so the run stops within one request's cost of the cap.
+        costs = [json.loads(v)["cost_usd"] for (v,) in
+                 sqlite3.connect(tmp_path / "teacher.sqlite").execute("SELECT value FROM answers")]
+        assert len(costs) == paid and all(c > 0 for c in costs)
+        assert sum(costs) - max(costs) < 0.0001 <= sum(costs) == pytest.approx(teacher.usage.cost_usd)
 
         resumed = Teacher(teacher_config(server, model="openai/gpt-4o-mini", concurrency=1), tmp_path)
         records = label_questions(resumed, rows, CATALOGUE, max_skills=5)
@@ -287,3 +294,76 @@ def test_the_cli_prints_a_fatal_teacher_error_as_one_line(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("error: the server at teacher.api_base=")
     assert server.requests == 1
+
+
+def test_failed_answers_are_not_cached_and_a_rerun_asks_them_again(tmp_path):
+    rows = questions(6)
+    with TeacherServer(labeller, refuse=lambda body: 500 if "Question 3 " in body["messages"][-1]["content"] else None
+                       ) as server:
+        cfg = teacher_config(server, max_retries=1, max_failed=1)  # the stage accepts it: the records show it
+        records = label_questions(Teacher(cfg, tmp_path), rows, CATALOGUE, max_skills=5)
+        assert records[3]["skills"] == [] and "InternalServerError" in records[3]["error"]
+        assert server.requests == 5 + 2  # question 3 was tried twice
+        server.refuse = None  # the provider recovers
+        again = Teacher(cfg, tmp_path)
+        records = label_questions(again, rows, CATALOGUE, max_skills=5)
+    assert records[3]["skills"] == ["linear_equations", "factoring"] and records[3]["error"] is None
+    assert again.usage.cache_hits == 5 and again.usage.calls == 1 and server.requests == 8
+
+
+def plain_requests(prefix: str, n: int) -> list[Request]:
+    return [Request("diagnosis", ({"role": "user", "content": f"{prefix} {i}"},)) for i in range(n)]
+
+
+def spaced_arrivals(server: TeacherServer, teacher: Teacher, *batches: int) -> list[float]:
+    """Gaps between the server's arrivals of `batches` asked one ask() after another, after a warm-up
+    call (litellm's first call blocks the event loop long enough for every start to fall due)."""
+    teacher.ask(plain_requests("warm-up", 1), str)
+    server.arrivals.clear()
+    for i, n in enumerate(batches):
+        teacher.ask(plain_requests(f"batch {i}", n), str)
+    return [b - a for a, b in zip(server.arrivals, server.arrivals[1:])]
+
+
+def test_requests_per_minute_spaces_request_starts(tmp_path):
+    with TeacherServer(lambda body: "ok") as server:
+        gaps = spaced_arrivals(server, Teacher(teacher_config(server, requests_per_minute=300), tmp_path), 6)
+    # 300 a minute: one start every 0.2 s although 16 may be in flight; an arrival lags its start by a
+    # varying few ms, so the typical gap and the whole span are checked, not each gap.
+    assert len(gaps) == 5 and sorted(gaps)[2] > 0.15 and 0.8 < sum(gaps) < 3.0
+
+
+@pytest.mark.xfail(strict=True, reason="the spacing restarts with each ask() (client._ask_all resets _next_start), "
+                                       "so a stage asking in several batches bursts at each batch's start")
+def test_requests_per_minute_holds_across_ask_calls(tmp_path):
+    with TeacherServer(lambda body: "ok") as server:
+        gaps = spaced_arrivals(server, Teacher(teacher_config(server, requests_per_minute=60), tmp_path), 2, 2)
+    assert min(gaps) > 0.7  # one start a second; the second batch's first request comes at once
+
+
+def test_a_second_server_under_the_same_model_name_is_asked_not_answered_from_the_cache(tmp_path):
+    rows = questions(1)  # a geometry question about triangles
+    with TeacherServer(labeller) as first, TeacherServer(lambda body: "<skill>circles</skill>") as second:
+        label_questions(Teacher(teacher_config(first), tmp_path), rows, CATALOGUE, max_skills=5)
+        records = label_questions(Teacher(teacher_config(second), tmp_path), rows, CATALOGUE, max_skills=5)
+    assert second.requests == 1 and records[0]["skills"] == ["circles"]
+
+
+def test_cache_key_changes_with_everything_that_changes_the_answer():
+    request = Request("diagnosis", ({"role": "user", "content": "q"},), sample=0)
+    params = {"temperature": 0.0, "max_tokens": 16}
+    base = dict(model="openai/m", request=request, params=params, attempt=0, api_base="http://a/v1")
+    variants = [
+        {"model": "openai/other"},
+        {"api_base": "http://b/v1"},
+        {"api_base": None},
+        {"request": Request("diagnosis", ({"role": "user", "content": "q2"},), sample=0)},
+        {"request": Request("diagnosis", ({"role": "system", "content": "q"},), sample=0)},
+        {"request": Request("diagnosis", ({"role": "user", "content": "q"},), sample=1)},
+        {"params": {"temperature": 0.7, "max_tokens": 16}},
+        {"params": {"temperature": 0.0, "max_tokens": 32}},
+        {"attempt": 1},
+    ]
+    keys = [_cache_key(**(base | change)) for change in [{}, *variants]]
+    assert len(set(keys)) == len(keys)
+    assert _cache_key(**base) == _cache_key(**base)  # and the same request gets the same key

@@ -1,8 +1,8 @@
 """The teacher client: litellm calls, concurrent, retried, rate-limited, cached and paid for.
 
 Each prompt kind goes to its own model (`teacher.models`, else `teacher.model`). Every answer
-is stored in an SQLite cache keyed by (model, messages, sampling, sample index, attempt), so a
-rerun, or another member of a sweep, gets it back without a call. Answers the parser rejects
+is stored in an SQLite cache keyed by (model, api_base, messages, sampling, sample index, attempt),
+so a rerun, or another member of a sweep, gets it back without a call. Answers the parser rejects
 are retried with fresh samples and, when every attempt fails, kept raw and counted.
 `max_cost_usd` stops new calls once a run has spent it; what was paid is cached. An error no
 retry can fix (a rejected key, an unknown model, ...) stops every request at once with one
@@ -245,7 +245,7 @@ class Teacher:
         if attempt > 0:
             temperature = max(temperature, self.cfg.parse_retry_temperature)
         params = {"temperature": temperature, "max_tokens": sampling.max_tokens}
-        return _cache_key(self._cache_model[request.kind], request, params, attempt), params
+        return _cache_key(self._cache_model[request.kind], request, params, attempt, api_base=self.cfg.api_base), params
 
     async def _complete(self, request: Request, attempt: int) -> dict | None:
         """The answer to `request` at `attempt`: from this run's batches, the cache, or the provider."""
@@ -417,8 +417,9 @@ def _api_key(cfg: TeacherConfig) -> str | None:
     return "EMPTY" if cfg.api_base else None
 
 
-def _cache_key(model: str, request: Request, params: dict, attempt: int) -> str:
-    payload = {"model": model, "messages": request.messages, "params": params,
+def _cache_key(model: str, request: Request, params: dict, attempt: int, *, api_base: str | None = None) -> str:
+    # Two servers can serve different weights under one model name: where it was asked is part of the answer.
+    payload = {"model": model, "api_base": api_base, "messages": request.messages, "params": params,
                "sample": request.sample, "attempt": attempt}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
