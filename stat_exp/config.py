@@ -252,6 +252,8 @@ class SFTConfig:
     logging_steps: int = 10
     seed: int = 0
     num_processes: Optional[int] = None  # set: train in N processes (one per GPU) under `accelerate launch`
+    save_steps: int = 200  # checkpoint every N optimizer steps into the stage's unfinished folder (a rerun resumes)
+    save_total_limit: int = 2  # checkpoints kept (the oldest are deleted); none stay in the finished artifact
 
 
 @dataclass
@@ -273,6 +275,8 @@ class RLConfig:
     bf16: bool = True
     logging_steps: int = 10
     seed: int = 0
+    save_steps: int = 50  # checkpoint every N optimizer steps into the stage's unfinished folder (a rerun resumes)
+    save_total_limit: int = 2  # checkpoints kept (the oldest are deleted); none stay in the finished artifact
 
 
 @dataclass

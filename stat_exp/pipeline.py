@@ -35,6 +35,8 @@ SFT_VERSION = "1"
 RL_VERSION = "1"
 DIAGNOSED_VARIANTS = ("sel", "syn")  # built from the Missing-Skill-Profile
 PROBED_VARIANTS = ("sel", "syn", "embed_sel", "embed_syn")  # built from the difficult questions
+# Training settings that change how a stage runs, not what it makes: kept out of its key.
+_NOT_IN_RESULT = ("num_processes", "save_steps", "save_total_limit")
 
 
 @dataclass(frozen=True)
@@ -410,7 +412,7 @@ def finetune(cfg: DictConfig, store: Store, tracker: Tracker, student: Student, 
 
     artifact = store.stage(
         "sft",
-        config={"sft": {k: v for k, v in OmegaConf.to_container(cfg.sft).items() if k != "num_processes"},
+        config={"sft": {k: v for k, v in OmegaConf.to_container(cfg.sft).items() if k not in _NOT_IN_RESULT},
                 "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
         inputs={"model": student.key, "data": data.key},
         version=SFT_VERSION,
@@ -431,7 +433,8 @@ def reinforce(cfg: DictConfig, store: Store, tracker: Tracker, student: Student,
 
     artifact = store.stage(
         "rl",
-        config={"rl": OmegaConf.to_container(cfg.rl), "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
+        config={"rl": {k: v for k, v in OmegaConf.to_container(cfg.rl).items() if k not in _NOT_IN_RESULT},
+                "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
         inputs={"model": student.key, "train": fingerprint(train)},
         version=RL_VERSION,
         compute=compute,

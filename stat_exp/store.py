@@ -1,8 +1,11 @@
 """Content-addressed artifact store: each stage's output lives under `<root>/<stage>/<key>/`.
 
-key = hash(stage config, input keys, stage code version). An artifact is built in a
-temporary folder and renamed into place only when complete, so an interrupted stage leaves
-nothing a rerun would trust, and a finished one is reused by every run and sweep member.
+key = hash(stage config, input keys, stage code version). An artifact is built in its
+unfinished folder `<root>/<stage>/.tmp-<key>` and renamed into place only when complete, so an
+interrupted stage leaves nothing a rerun would trust as finished, and a finished one is reused
+by every run and sweep member. The unfinished folder outlives a failed or killed compute, and
+the rerun computes in the same folder again, so that a stage can resume from the checkpoints
+or shards it left there.
 """
 
 import hashlib
@@ -11,7 +14,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -86,7 +88,8 @@ class Store:
         """Return the stage's artifact, computing it with `compute(tmp_dir) -> summary` if absent.
 
         `compute` writes its files into `tmp_dir` and returns a JSON-able summary for the
-        manifest. `inputs` maps names to the keys of upstream artifacts.
+        manifest. `inputs` maps names to the keys of upstream artifacts. `tmp_dir` is the same
+        folder for every attempt at the same key, and keeps what a failed attempt left in it.
         """
         inputs = dict(inputs or {})
         key = self.key(stage, config, inputs, version)
@@ -97,36 +100,34 @@ class Store:
             self._record(stage, key, "reused", start)
             return Artifact(stage, key, final, manifest)
 
-        tmp = self.root / stage / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
+        tmp = self.root / stage / f".tmp-{key}"
+        if tmp.exists():
+            log.info("stage %s %s: resuming in its unfinished folder %s", stage, key, tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        summary = compute(tmp)  # on failure tmp stays, with the checkpoints or shards the rerun resumes from
+        manifest = {
+            "stage": stage,
+            "key": key,
+            "version": version,
+            "config": config,
+            "inputs": inputs,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "seconds": round(time.perf_counter() - start, 3),
+            "summary": summary or {},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
+        if final.exists() and not (final / MANIFEST).exists():
+            log.warning("replacing %s: it has no manifest, so it was never completed", final)
+            shutil.rmtree(final)
         try:
-            summary = compute(tmp)
-            manifest = {
-                "stage": stage,
-                "key": key,
-                "version": version,
-                "config": config,
-                "inputs": inputs,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "seconds": round(time.perf_counter() - start, 3),
-                "summary": summary or {},
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
-            if final.exists() and not (final / MANIFEST).exists():
-                log.warning("replacing %s: it has no manifest, so it was never completed", final)
-                shutil.rmtree(final)
-            try:
-                os.rename(tmp, final)  # atomic on one file system: the artifact appears whole or not at all
-            except OSError:
-                if not (final / MANIFEST).exists():
-                    raise
-                # A parallel sweep member finished the same stage first; its artifact is identical.
-                log.info("stage %s %s was completed concurrently; using that copy", stage, key)
-                shutil.rmtree(tmp, ignore_errors=True)
-                manifest = json.loads((final / MANIFEST).read_text())
-        except BaseException:
+            os.rename(tmp, final)  # atomic on one file system: the artifact appears whole or not at all
+        except OSError:
+            if not (final / MANIFEST).exists():
+                raise
+            # A parallel sweep member finished the same stage first; its artifact is identical.
+            log.info("stage %s %s was completed concurrently; using that copy", stage, key)
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            manifest = json.loads((final / MANIFEST).read_text())
         self._record(stage, key, "computed", start)
         return Artifact(stage, key, final, manifest)
 

@@ -38,14 +38,17 @@ def test_key_changes_with_config_inputs_and_version(tmp_path, change):
     assert base.key != other.key and len(calls) == 2
 
 
-def test_interrupted_stage_leaves_nothing_trusted(tmp_path):
+def test_interrupted_stage_leaves_nothing_trusted_and_its_unfinished_folder_for_the_rerun(tmp_path):
     store, calls = Store(tmp_path), []
     with pytest.raises(KeyboardInterrupt):
         make(store, calls, fail=True)
-    assert list((tmp_path / "demo").iterdir()) == []  # no partial folder, no manifest
-    artifact = make(store, calls)  # the rerun computes from scratch
-    assert len(calls) == 2 and artifact.rows() == [{"x": 1}, {"x": 2}]
-    assert store.events[-1].status == "computed"
+    (unfinished,) = (tmp_path / "demo").iterdir()  # no finished folder, no manifest
+    assert unfinished.name.startswith(".tmp-") and not (unfinished / "manifest.json").exists()
+    assert (unfinished / "rows.jsonl").exists()  # what the killed compute wrote, to resume from
+    artifact = make(store, calls)  # the rerun computes in the same folder
+    assert len(calls) == 2 and calls[1] == calls[0] == unfinished
+    assert artifact.rows() == [{"x": 1}, {"x": 2}] and store.events[-1].status == "computed"
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == [artifact.key]  # renamed into place
 
 
 def test_folder_without_manifest_is_not_trusted(tmp_path):

@@ -27,6 +27,7 @@ from typing import Any
 
 from stat_exp.config import ModelConfig, RLConfig
 from stat_exp.rewards import get_rewards
+from stat_exp.student.checkpoints import CHECKPOINTS, drop_checkpoints, train_resumably
 from stat_exp.student.models import load_tokenizer
 from stat_exp.student.sft import device_settings, model_revision, training_prompt
 
@@ -77,7 +78,8 @@ def train_grpo(
 ) -> dict:
     """Trains `model_path` with GRPO on `rows` (`{"problem", "answer"}`, the answer a final answer).
 
-    Writes the trained model and tokenizer to `out_dir/model`. `report_to` is TRL's ("wandb":
+    Writes the trained model and tokenizer to `out_dir/model`; checkpoints every `cfg.save_steps`
+    steps into `out_dir/checkpoints`, resumes from the last one found there, and removes them when done. `report_to` is TRL's ("wandb":
     the reward curve goes into the active W&B run). Returns the logged reward statistics (one
     entry per logged step), steps and seconds. A question whose samples all score alike has
     zero advantage and teaches nothing; `zero_std_fractions` shows how many did.
@@ -99,7 +101,7 @@ def train_grpo(
     if revision is not None:
         model_init_kwargs["revision"] = revision
     args = GRPOConfig(
-        output_dir=str(out_dir),
+        output_dir=str(out_dir / CHECKPOINTS),
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         beta=cfg.beta,
@@ -119,7 +121,9 @@ def train_grpo(
         activation_checkpointing=settings["activation_checkpointing"],  # transformers 5's gradient_checkpointing
         model_init_kwargs=model_init_kwargs,
         use_vllm=use_vllm,
-        save_strategy="no",  # out_dir/model is written below
+        save_strategy="steps",  # checkpoints to resume from; out_dir/model is written below
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
         report_to=report_to,
     )
     trainer = GRPOTrainer(
@@ -130,9 +134,10 @@ def train_grpo(
         processing_class=tokenizer,
     )
     start = time.monotonic()
-    trainer.train()
+    train_resumably(trainer, out_dir / CHECKPOINTS)
     seconds = time.monotonic() - start
     trainer.save_model(str(out_dir / "model"))
+    drop_checkpoints(trainer, out_dir / CHECKPOINTS)
 
     def logged(metric: str) -> list[float]:
         return [entry[metric] for entry in trainer.state.log_history if metric in entry]

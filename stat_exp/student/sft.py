@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stat_exp.config import ModelConfig, SFTConfig
+from stat_exp.student.checkpoints import CHECKPOINTS, drop_checkpoints, train_resumably
 from stat_exp.student.models import chat_messages, format_prompt, load_tokenizer, torch_dtype
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ def train_sft(
     """Fine-tunes `model_path` on `rows` (`{"question", "answer"}`, the answer a full solution).
 
     Writes `out_dir/adapter` (LoRA only) and `out_dir/model` (full weights, LoRA merged, and the
-    tokenizer). `report_to` is TRL's: "wandb" logs the training curve into the active W&B run.
+    tokenizer). Checkpoints every `cfg.save_steps` steps into `out_dir/checkpoints`, resumes from
+    the last one found there, and removes them when done. `report_to` is TRL's: "wandb" logs the training curve into the active W&B run.
     Returns the logged losses, the final (last logged) and mean loss, the eval loss (with
     `eval_rows`), steps, seconds, trainable parameters and the device settings used.
     """
@@ -120,7 +122,7 @@ def train_sft(
     revision = model_revision(model_path, model_cfg)
     tokenizer = load_tokenizer(model_path, revision)
     args = TRLSFTConfig(
-        output_dir=str(out_dir),
+        output_dir=str(out_dir / CHECKPOINTS),
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
@@ -141,7 +143,9 @@ def train_sft(
         use_cpu=settings["use_cpu"],
         activation_checkpointing=settings["activation_checkpointing"],  # transformers 5's gradient_checkpointing
         eval_strategy="epoch" if eval_rows else "no",
-        save_strategy="no",  # out_dir/adapter and out_dir/model are written below
+        save_strategy="steps",  # checkpoints to resume from; out_dir/adapter and out_dir/model are written below
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
         report_to=report_to,
     )
     model = _load_model(model_path, revision, settings["dtype"], settings["load_in_4bit"], args.local_process_index)
@@ -155,7 +159,7 @@ def train_sft(
     )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     start = time.monotonic()
-    result = trainer.train()
+    result = train_resumably(trainer, out_dir / CHECKPOINTS)
     seconds = time.monotonic() - start
     eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
 
@@ -165,7 +169,7 @@ def train_sft(
             save_merged(model_path, revision, model_cfg.dtype, out_dir / "adapter", out_dir / "model", tokenizer)
     else:
         trainer.save_model(str(out_dir / "model"))
-    trainer.accelerator.wait_for_everyone()
+    drop_checkpoints(trainer, out_dir / CHECKPOINTS)
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {
