@@ -120,6 +120,7 @@ class GeneratorConfig:
     device: str = "auto"  # auto | cpu | cuda (hf)
     tensor_parallel_size: int = 1  # vllm
     gpu_memory_utilization: float = 0.9  # vllm
+    shard_size: int = 256  # questions per shard that probe and eval write as they go (a killed stage keeps them)
 
 
 @dataclass

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 TINY_MODEL_VERSION = "1"
 PRETRAIN_VERSION = "1"
 SKILLS_VERSION = "1"
-PROBE_VERSION = "1"
+PROBE_VERSION = "2"  # 2: generated in shards, each seeded on its own
 DIFFICULTY_VERSION = "1"
 PROFILE_VERSION = "1"
 DATA_VERSION = "1"
@@ -253,11 +253,9 @@ def probe(cfg: DictConfig, store: Store, student: Student, val: list[dict]) -> d
     artifacts = {}
     for split, rows in splits.items():
         def compute(out: Path, rows=rows) -> dict:
-            responses = evaluation.answer_questions(
-                rows, model_path=student.path, model_cfg=cfg.model, gen_cfg=cfg.generator, samples=d.samples,
-                temperature=d.temperature, top_p=d.top_p, max_tokens=d.max_tokens, seed=cfg.seed)
-            records = evaluation.grade_responses(rows, responses, cfg.eval)
-            write_jsonl(out / "rows.jsonl", records)
+            records = evaluation.answer_and_grade(
+                rows, out, model_path=student.path, model_cfg=cfg.model, gen_cfg=cfg.generator, eval_cfg=cfg.eval,
+                samples=d.samples, temperature=d.temperature, top_p=d.top_p, max_tokens=d.max_tokens, seed=cfg.seed)
             return evaluation.summarize(records)
 
         artifacts[split] = store.stage(
