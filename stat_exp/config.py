@@ -120,6 +120,7 @@ class GeneratorConfig:
     device: str = "auto"  # auto | cpu | cuda (hf)
     tensor_parallel_size: int = 1  # vllm
     gpu_memory_utilization: float = 0.9  # vllm
+    enforce_eager: bool = False  # vllm: skip torch.compile and graph capture (starts in seconds, decodes slower)
     shard_size: int = 256  # questions per shard that probe and eval write as they go (a killed stage keeps them)
 
 
@@ -247,7 +248,7 @@ class SFTConfig:
     lora_targets: List[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    load_in_4bit: bool = True  # NF4 with bf16 compute (GPU only)
+    load_in_4bit: bool = True  # NF4 through bitsandbytes (GPU or CPU), computing in bf16 when bf16 is set
     optim: str = "paged_adamw_8bit"
     bf16: bool = True
     logging_steps: int = 10

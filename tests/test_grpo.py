@@ -7,6 +7,7 @@ from stat_exp.config import ModelConfig, RLConfig
 from stat_exp.rewards import REWARDS
 from stat_exp.student.grpo import GRPOBatch, grpo_batch, grpo_dataset, train_grpo
 from stat_exp.student.models import chat_messages, load_tokenizer
+from stat_exp.student.sft import checkpointing_arg
 
 MODEL = ModelConfig(name="tiny", dtype="float32")
 ROWS = [{"problem": f"What is {a}+{b}?", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (10, 20), (7, 8)]]
@@ -77,7 +78,7 @@ def test_batch_arithmetic_matches_trl() -> None:
 
     batch = grpo_batch(6, 4, 1)
     args = GRPOConfig(
-        output_dir="unused", use_cpu=True, bf16=False, activation_checkpointing=False, num_generations=4,
+        output_dir="unused", use_cpu=True, bf16=False, **checkpointing_arg(False), num_generations=4,
         report_to="none",
         per_device_train_batch_size=batch.per_device, gradient_accumulation_steps=batch.accumulation,
         generation_batch_size=batch.generation,

@@ -29,7 +29,7 @@ from stat_exp.config import ModelConfig, RLConfig
 from stat_exp.rewards import get_rewards
 from stat_exp.student.checkpoints import CHECKPOINTS, drop_checkpoints, train_resumably
 from stat_exp.student.models import load_tokenizer
-from stat_exp.student.sft import device_settings, model_revision, training_prompt
+from stat_exp.student.sft import checkpointing_arg, device_settings, model_revision, training_prompt
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def train_grpo(
         seed=cfg.seed,
         bf16=settings["bf16"],
         use_cpu=settings["use_cpu"],
-        activation_checkpointing=settings["activation_checkpointing"],  # transformers 5's gradient_checkpointing
+        **checkpointing_arg(settings["activation_checkpointing"]),
         model_init_kwargs=model_init_kwargs,
         use_vllm=use_vllm,
         save_strategy="steps",  # checkpoints to resume from; out_dir/model is written below
