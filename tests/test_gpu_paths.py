@@ -133,7 +133,7 @@ def test_prm_scores_match_the_model_cards_recipe_on_llama31_format(llama_prm: tu
 
 # vLLM's CPU attention needs a head size it has kernels for (32 here: width 128, 4 heads).
 VLLM_TINY = TinyModelConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
-                            num_kv_heads=2, max_position_embeddings=512)
+                            num_kv_heads=2, max_position_embeddings=4096)  # room for a teacher prompt
 CPU_VLLM = GeneratorConfig(backend="vllm", enforce_eager=True)  # no compile warm-up: seconds, not minutes
 PROMPTS = [f"What is {a}+{b}?" for a, b in [(1, 2), (30, 4), (5, 55), (12, 9), (7, 70), (8, 1)]]
 
@@ -179,3 +179,26 @@ def test_vllm_generator_keeps_the_hf_contract(vllm_env: None, vllm_model_dir: Pa
     agreement = sum(v[0] == h[0] for v, h in zip(greedy, hf_greedy)) / len(PROMPTS)
     assert agreement >= GREEDY_AGREEMENT
 
+
+
+def test_labelling_with_a_teacher_served_by_vllm(vllm_env: None, vllm_model_dir: Path, tmp_path: Path) -> None:
+    """teacher=local pointed at `vllm serve`: the tiny model's answers do not parse, and the stage
+    counts and keeps every one of them instead of crashing."""
+    from vllm_server import VLLMServer
+
+    from stat_exp.skills import label_questions, map_summary
+    from stat_exp.teacher.client import Teacher
+
+    catalogue = {"Algebra": ["linear equations", "factoring"], "Prealgebra": ["fractions", "place value"]}
+    rows = [{"id": f"q{i}", "subject": subject, "problem": f"What is {i}+{i}?", "solution": f"{2 * i}"}
+            for i, subject in enumerate(["Algebra", "Prealgebra", "Algebra"])]
+    with VLLMServer(vllm_model_dir, "tiny-teacher", tmp_path / "vllm.log") as server:
+        cfg = compose_config("teacher=local", "teacher.model=openai/tiny-teacher", f"teacher.api_base={server.url}",
+                             "teacher.sampling.skill_labelling.max_tokens=16", "teacher.parse_retries=1").teacher
+        teacher = Teacher(cfg, tmp_path / "cache")
+        records = label_questions(teacher, rows, catalogue, max_skills=5)
+    assert [r["id"] for r in records] == ["q0", "q1", "q2"]
+    assert teacher.usage.calls == 6  # each question asked twice: the answer, then one parse retry
+    assert all(r["skills"] == [] and r["error"] and isinstance(r["raw"], str) and r["raw"] for r in records)
+    summary = map_summary(records)
+    assert summary["questions"] == 3 and summary["unlabelled"] == 3 and summary["labelled"] == 0
