@@ -81,8 +81,9 @@ def train_grpo(
     Writes the trained model and tokenizer to `out_dir/model`; checkpoints every `cfg.save_steps`
     steps into `out_dir/checkpoints`, resumes from the last one found there, and removes them when
     done. `report_to` is TRL's ("wandb": the reward curve goes into the active W&B run). Returns
-    the logged reward statistics (one entry per logged step), steps and seconds. A question whose samples all score alike has
-    zero advantage and teaches nothing; `zero_std_fractions` shows how many did.
+    the logged reward statistics (one entry per logged step), steps and seconds. A question whose
+    samples all score alike has zero advantage and teaches nothing; `zero_std_fractions` shows how
+    many did.
     """
     from trl import GRPOConfig, GRPOTrainer
 

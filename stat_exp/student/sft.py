@@ -3,7 +3,8 @@
 The paper trains QLoRA adapters (`conf/sft/qlora.yaml`); where no GPU is visible the same
 config trains on the CPU, 4-bit weights and 8-bit optimizer included (see `device_settings`).
 Whatever the method, `out_dir/model` ends up holding plain full weights and the tokenizer,
-which every generation backend can load. torch, transformers, trl and peft are imported inside functions so that the CLI starts fast.
+which every generation backend can load. torch, transformers, trl and peft are imported inside
+functions so that the CLI starts fast.
 """
 
 import logging
@@ -95,8 +96,9 @@ def train_sft(
     Writes `out_dir/adapter` (LoRA only) and `out_dir/model` (full weights, LoRA merged, and the
     tokenizer). Checkpoints every `cfg.save_steps` steps into `out_dir/checkpoints`, resumes from
     the last one found there, and removes them when done. `report_to` is TRL's: "wandb" logs the
-    training curve into the active W&B run. Returns the logged losses, the final (last logged) and mean loss, the eval loss (with
-    `eval_rows`), steps, seconds, trainable parameters and the device settings used.
+    training curve into the active W&B run. Returns the logged losses, the final (last logged) and
+    mean loss, the eval loss (with `eval_rows`), steps, seconds, trainable parameters and the
+    device settings used.
     """
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
