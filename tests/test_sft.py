@@ -111,3 +111,21 @@ def test_launched_under_accelerate_trains_and_summarises(tiny_model_dir: Path, t
     base = weights(tiny_model_dir / "model.safetensors")
     trained = weights(tmp_path / "model" / "model.safetensors")
     assert any(not base[name].equal(trained[name]) for name in base if name.endswith("proj.weight"))
+
+
+def test_only_the_last_checkpoints_are_kept_and_none_at_the_end(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stat_exp.student import sft
+
+    kept = []
+    real_drop = sft.drop_checkpoints
+
+    def seen_then_dropped(trainer, folder: Path) -> None:
+        kept.extend(sorted(p.name for p in folder.glob("checkpoint-*")))
+        real_drop(trainer, folder)
+
+    monkeypatch.setattr(sft, "drop_checkpoints", seen_then_dropped)
+    train_sft(str(tiny_model_dir), ROWS, small(max_steps=4, save_steps=1, save_total_limit=2), tmp_path, model_cfg=MODEL)
+    assert kept == ["checkpoint-3", "checkpoint-4"]  # one saved per step, the older ones deleted
+    assert not (tmp_path / "checkpoints").exists() and (tmp_path / "model" / "config.json").exists()
