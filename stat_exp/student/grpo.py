@@ -85,8 +85,6 @@ def train_grpo(
     samples all score alike has zero advantage and teaches nothing; `zero_std_fractions` shows how
     many did.
     """
-    from trl import GRPOConfig, GRPOTrainer
-
     if not rows:
         raise ValueError("no training rows")
     settings = device_settings(
@@ -97,6 +95,8 @@ def train_grpo(
         raise ValueError("GRPO with vLLM rollouts needs a GPU: vLLM's CPU backend repacks each linear layer's "
                          "weights for its kernels and drops the originals, so it cannot take the trainer's updated "
                          "weights after a step; use generator=hf for GRPO on a CPU")
+    from trl import GRPOConfig, GRPOTrainer
+
     # WORLD_SIZE is set by accelerate launch and torchrun; a plain run is one process.
     batch = grpo_batch(cfg.questions_per_batch, cfg.num_generations, int(os.environ.get("WORLD_SIZE", "1")))
     revision = model_revision(model_path, model_cfg)
