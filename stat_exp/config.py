@@ -127,6 +127,8 @@ class GeneratorConfig:
     tensor_parallel_size: int = 1  # vllm
     gpu_memory_utilization: float = 0.9  # vllm
     replay_from: Optional[str] = None  # replay: a previous run's rows.jsonl whose responses are graded again
+    enforce_eager: bool = False  # vllm: skip torch.compile and graph capture (starts in seconds, decodes slower)
+    shard_size: int = 256  # questions per shard that probe and eval write as they go (a killed stage keeps them)
 
 
 @dataclass
@@ -276,13 +278,15 @@ class SFTConfig:
     lora_targets: List[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    load_in_4bit: bool = True  # NF4 with bf16 compute (GPU only)
+    load_in_4bit: bool = True  # NF4 through bitsandbytes (GPU or CPU), computing in bf16 when bf16 is set
     optim: str = "paged_adamw_8bit"
     bf16: bool = True
     logging_steps: int = 10
     seed: int = 0
     num_processes: Optional[int] = None  # set: train in N processes (one per GPU) under `accelerate launch`
     save_merged: Optional[bool] = None  # LoRA: save merged weights too; null: if vllm/rl load them (else on demand)
+    save_steps: int = 200  # checkpoint every N optimizer steps into the stage's unfinished folder (a rerun resumes)
+    save_total_limit: int = 2  # checkpoints kept (the oldest are deleted); none stay in the finished artifact
 
 
 @dataclass
@@ -305,6 +309,8 @@ class RLConfig:
     bf16: bool = True
     logging_steps: int = 10
     seed: int = 0
+    save_steps: int = 50  # checkpoint every N optimizer steps into the stage's unfinished folder (a rerun resumes)
+    save_total_limit: int = 2  # checkpoints kept (the oldest are deleted); none stay in the finished artifact
 
 
 @dataclass

