@@ -400,12 +400,13 @@ def training_data(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Call
 def finetune(cfg: DictConfig, store: Store, tracker: Tracker, student: Student, data: Artifact, *,
              label: str) -> Student:
     """STAT step 7: supervised fine-tuning on the variant's data (TRL SFTTrainer)."""
-    from stat_exp.student.sft import launch_sft, train_sft
+    from stat_exp.student.launch import launch
+    from stat_exp.student.sft import train_sft
 
     def compute(out: Path) -> dict:
         rows = [{"question": p["question"], "answer": p["answer"]} for p in data.rows()]
-        if cfg.sft.num_processes:  # several GPUs: this stage alone runs under `accelerate launch`
-            return launch_sft(student.path, rows, cfg.sft, out, model_cfg=cfg.model)
+        if cfg.sft.num_processes:  # this stage alone fans out to data-parallel ranks
+            return launch("sft", cfg.sft.num_processes, student.path, rows, cfg.sft, out, model_cfg=cfg.model)
         return train_sft(student.path, rows, cfg.sft, out, model_cfg=cfg.model, report_to=tracker.report_to)
 
     artifact = store.stage(
@@ -423,9 +424,13 @@ def finetune(cfg: DictConfig, store: Store, tracker: Tracker, student: Student, 
 def reinforce(cfg: DictConfig, store: Store, tracker: Tracker, student: Student, train: list[dict]) -> Student:
     """STAT step 8 (optional): GRPO on the training questions with rewards named in `rl.rewards`."""
     from stat_exp.student.grpo import train_grpo
+    from stat_exp.student.launch import launch
 
     def compute(out: Path) -> dict:
         rows = [{"problem": r["problem"], "answer": r["answer"]} for r in train]
+        if cfg.rl.num_processes:  # this stage alone fans out to data-parallel ranks
+            return launch("grpo", cfg.rl.num_processes, student.path, rows, cfg.rl, out, model_cfg=cfg.model,
+                          options={"use_vllm": cfg.generator.backend == "vllm"})
         return train_grpo(student.path, rows, cfg.rl, out, model_cfg=cfg.model,
                           use_vllm=cfg.generator.backend == "vllm", report_to=tracker.report_to)
 
