@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from stat_exp.config import GeneratorConfig, ModelConfig, SFTConfig
+from stat_exp.config import GeneratorConfig, ModelConfig, RLConfig, SFTConfig
 from stat_exp.student.generation import DataParallelGenerator, check_gpus, gpu_groups, make_generator, split
 from stat_exp.student.launch import launch, launch_command, rank_args
 from stat_exp.student.models import load_tokenizer
@@ -80,6 +80,7 @@ def test_two_cpu_ranks_match_one_rank_with_doubled_accumulation(tiny_model_dir: 
                  model_cfg=MODEL)
 
     # 2 ranks x 2 rows a step: half of the 8 rows, so one epoch in 2 steps (1 rank alone: a quarter a step).
+    assert (two["ranks"], one["ranks"]) == (2, 1)
     assert two["steps"] == 2 and two["epochs"] == [0.5, 1.0]
     # After one epoch every row was seen once: the tokens of all 8 chats, counted here by hand.
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -96,6 +97,18 @@ def test_two_cpu_ranks_match_one_rank_with_doubled_accumulation(tiny_model_dir: 
     assert max((weights["one"][k] - base[k]).abs().max().item() for k in base) > 1e-4
     assert max((weights["one"][k] - weights["two"][k]).abs().max().item() for k in base) < 1e-6
     assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
+
+
+@pytest.mark.distributed
+def test_grpo_trains_in_two_cpu_ranks(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # One question a rank per step: the 4 questions in 2 steps, 4 samples each, rewarded in each rank.
+    cfg = RLConfig(name="grpo", learning_rate=1e-3, num_generations=4, max_completion_length=8, questions_per_batch=2,
+                   max_steps=2, logging_steps=1, rewards=["correctness"], bf16=False)
+    rows = [{"problem": f"What is {a}+{b}?", "answer": str(a + b)} for a, b in PAIRS[:4]]
+    summary = launch("grpo", 2, str(tiny_model_dir), rows, cfg, tmp_path, model_cfg=MODEL,
+                     options={"use_vllm": False})
+    assert summary["ranks"] == 2 and summary["steps"] == 2 and len(summary["rewards"]) == 2
+    assert (tmp_path / "model" / "model.safetensors").exists()
 
 
 def test_launch_refuses_an_unknown_stage(tmp_path: Path) -> None:

@@ -124,7 +124,8 @@ STAGES: dict[str, tuple[Callable[..., dict], type]] = {"sft": (_train_sft, SFTCo
 
 
 def run_rank(spec_path: Path) -> None:
-    """The body of one rank: train the stage in `spec_path`; rank 0 writes the summary."""
+    """The body of one rank (torchrun sets RANK and WORLD_SIZE): train the stage in `spec_path`; rank 0
+    writes the summary, with the number of ranks that trained."""
     spec = json.loads(spec_path.read_text())
     train, config_class = STAGES[spec["stage"]]
     out_dir = Path(spec["out_dir"])
@@ -136,9 +137,9 @@ def run_rank(spec_path: Path) -> None:
         model_cfg=OmegaConf.merge(OmegaConf.structured(ModelConfig), spec["model_cfg"]),
         **spec["options"],
     )
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ["RANK"] == "0":
         partial = out_dir / (SUMMARY + ".partial")
-        partial.write_text(json.dumps(summary))
+        partial.write_text(json.dumps({**summary, "ranks": int(os.environ["WORLD_SIZE"])}))
         os.replace(partial, out_dir / SUMMARY)  # the driver reads it whole or not at all
 
 
