@@ -261,7 +261,7 @@ def probe(cfg: DictConfig, store: Store, student: Student, val: list[dict]) -> d
         artifacts[split] = store.stage(
             "probe",
             config={"split": split, "sampling": [d.samples, d.temperature, d.top_p, d.max_tokens, cfg.seed],
-                    "generator": OmegaConf.to_container(cfg.generator),
+                    "generator": _generator_key(cfg),
                     "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
             inputs={"model": student.key, "data": fingerprint(rows)},
             version=PROBE_VERSION,
@@ -456,7 +456,7 @@ def evaluate_student(cfg: DictConfig, store: Store, tracker: Tracker, student: S
             config={
                 "benchmark": name,
                 "eval": {k: v for k, v in OmegaConf.to_container(cfg.eval).items() if k != "benchmarks"},
-                "generator": OmegaConf.to_container(cfg.generator),
+                "generator": _generator_key(cfg),
                 "prompt": [cfg.model.instruction, cfg.model.system_prompt],
             },
             inputs={"model": student.key, "data": fingerprint(rows)},
@@ -613,6 +613,12 @@ def _log_teacher_usage(tracker: Tracker, artifact: Artifact) -> None:
     usage = artifact.summary.get("teacher")
     if usage:
         tracker.log({f"teacher/{artifact.stage}/{k}": v for k, v in usage.items()})
+
+
+def _generator_key(cfg: DictConfig) -> dict:
+    """The generator settings that can change answers: data parallelism splits the prompts but keeps
+    each one's seed, so its answers are one engine's (stat_exp.student.generation.DataParallelGenerator)."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.generator).items() if k != "data_parallel_size"}
 
 
 def _file_hash(path: Path) -> str:

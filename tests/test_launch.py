@@ -2,14 +2,18 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from helpers import compose_config
 
+from stat_exp import pipeline
 from stat_exp.config import GeneratorConfig, ModelConfig, RLConfig, SFTConfig
 from stat_exp.student.generation import DataParallelGenerator, check_gpus, gpu_groups, make_generator, split
 from stat_exp.student.launch import launch, launch_command, rank_args
 from stat_exp.student.models import load_tokenizer
 from stat_exp.student.sft import training_prompt
+from stat_exp.store import Store
 
 MODEL = ModelConfig(name="tiny", dtype="float32")
 PAIRS = [(1, 2), (3, 4), (10, 20), (7, 8), (5, 5), (12, 13), (40, 2), (9, 9)]
@@ -176,3 +180,31 @@ def test_gpus_are_checked_against_the_job() -> None:
 def test_data_parallel_needs_vllm() -> None:
     with pytest.raises(ValueError, match="generator.data_parallel_size=2 needs generator=vllm, not 'hf'"):
         make_generator(GeneratorConfig(backend="hf", data_parallel_size=2), "model")
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_num_processes_sends_the_stage_to_the_launcher(stage: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def recorded(name, num_processes, model_path, rows, cfg, out_dir, *, model_cfg, options=None):
+        calls.append((name, num_processes, model_path, rows, options))
+        return {"steps": 1}
+
+    monkeypatch.setattr("stat_exp.student.launch.launch", recorded)
+    cfg = compose_config("sft=lora", "rl=grpo", "sft.num_processes=2", "rl.num_processes=2")
+    tracker = SimpleNamespace(log=lambda metrics: None, report_to="none")
+    student = pipeline.Student("base", "base-key")
+    if stage == "sft":
+        data = SimpleNamespace(rows=lambda: [{"question": "q", "answer": "a", "origin": "x"}], key="data-key")
+        pipeline.finetune(cfg, Store(tmp_path), tracker, student, data, label="sft")
+        assert calls == [("sft", 2, "base", [{"question": "q", "answer": "a"}], None)]
+    else:
+        pipeline.reinforce(cfg, Store(tmp_path), tracker, student, [{"problem": "p", "answer": "1", "level": 3}])
+        assert calls == [("grpo", 2, "base", [{"problem": "p", "answer": "1"}], {"use_vllm": False})]
+
+
+def test_data_parallelism_keeps_the_probe_and_eval_keys() -> None:
+    plain = pipeline._generator_key(compose_config())
+    assert pipeline._generator_key(compose_config("generator.data_parallel_size=4")) == plain
+    assert pipeline._generator_key(compose_config("generator.tensor_parallel_size=4")) != plain
