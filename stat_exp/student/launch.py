@@ -27,6 +27,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from stat_exp.config import ModelConfig, RLConfig, SFTConfig
+from stat_exp.student.grpo import train_grpo
+from stat_exp.student.sft import train_sft
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,9 @@ SPEC = "launch.json"  # the stage's arguments, in its output folder
 SUMMARY = "summary.json"  # rank 0's result, in the same folder
 _PORT_BASE = 20000  # rendezvous ports 20000..29999, chosen by job id so that jobs sharing a node differ
 _PORTS = 10000
+
+# The stages that fan out: name -> (training function, its config dataclass).
+STAGES: dict[str, tuple[Callable[..., dict], type]] = {"sft": (train_sft, SFTConfig), "grpo": (train_grpo, RLConfig)}
 
 
 def slurm_hostnames(nodelist: str) -> list[str]:
@@ -85,8 +90,7 @@ def launch_command(num_processes: int, spec: Path, env: Mapping[str, str]) -> li
 
 
 def launch(stage: str, num_processes: int, model_path: str, rows: Sequence[dict], cfg: Any, out_dir: Path, *,
-           model_cfg: ModelConfig, options: Mapping[str, Any] | None = None,
-           env: Mapping[str, str] | None = None) -> dict:
+           model_cfg: ModelConfig, options: Mapping[str, Any] | None = None) -> dict:
     """Runs training stage `stage` (a name in STAGES) in `num_processes` ranks per node; returns rank 0's summary.
 
     `options` are the stage function's other keyword arguments (JSON values). The ranks log their
@@ -101,26 +105,14 @@ def launch(stage: str, num_processes: int, model_path: str, rows: Sequence[dict]
         "model_cfg": OmegaConf.to_container(OmegaConf.structured(model_cfg)),
         "options": dict(options or {}),
     }))
-    command = launch_command(num_processes, spec, os.environ if env is None else env)
+    command = launch_command(num_processes, spec, os.environ)
     logger.info("%s in %d ranks per node: %s", stage, num_processes, " ".join(command))
     subprocess.run(command, check=True)
-    return json.loads((out_dir / SUMMARY).read_text())
-
-
-def _train_sft(**kwargs: Any) -> dict:
-    from stat_exp.student.sft import train_sft
-
-    return train_sft(**kwargs)
-
-
-def _train_grpo(**kwargs: Any) -> dict:
-    from stat_exp.student.grpo import train_grpo
-
-    return train_grpo(**kwargs)
-
-
-# The stages that fan out: name -> (training function, its config dataclass).
-STAGES: dict[str, tuple[Callable[..., dict], type]] = {"sft": (_train_sft, SFTConfig), "grpo": (_train_grpo, RLConfig)}
+    summary = json.loads((out_dir / SUMMARY).read_text())
+    # The artifact keeps what the stage made: the rows are the data artifact's, the summary goes into its manifest.
+    spec.unlink()
+    (out_dir / SUMMARY).unlink()
+    return summary
 
 
 def run_rank(spec_path: Path) -> None:
