@@ -1,3 +1,4 @@
+import multiprocessing
 import os
 import sys
 from functools import partial
@@ -208,3 +209,12 @@ def test_data_parallelism_keeps_the_probe_and_eval_keys() -> None:
     plain = pipeline._generator_key(compose_config())
     assert pipeline._generator_key(compose_config("generator.data_parallel_size=4")) == plain
     assert pipeline._generator_key(compose_config("generator.tensor_parallel_size=4")) != plain
+
+
+def test_data_parallel_engines_stop_with_their_generator() -> None:
+    generator = DataParallelGenerator(partial(Echo, "m"), ["0", "1"])
+    generator.generate(["q"], n=1, temperature=0.0, top_p=1.0, max_tokens=8, seed=0)
+    processes = multiprocessing.active_children()
+    assert len(processes) == 2
+    del generator
+    assert not any(process.is_alive() for process in processes)

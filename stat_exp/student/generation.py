@@ -4,6 +4,7 @@ Both backends sample the same way: only temperature and top_p shape the distribu
 repetition penalty from the checkpoint's defaults), and temperature 0 means one greedy completion.
 """
 
+import atexit
 import os
 import weakref
 from functools import partial
@@ -196,11 +197,13 @@ class DataParallelGenerator:
         processes = []
         for visible in devices:
             ours, theirs = context.Pipe()
-            process = context.Process(target=_serve, args=(factory, visible, theirs), daemon=True)
+            # Not a daemon: vLLM starts processes of its own, which a daemon may not.
+            process = context.Process(target=_serve, args=(factory, visible, theirs))
             process.start()
             self.connections.append(ours)
             processes.append(process)
-        weakref.finalize(self, _stop, self.connections, processes)  # engines free their GPUs with the generator
+        # The engines free their GPUs when the generator goes; at exit, before multiprocessing waits for them.
+        atexit.register(weakref.finalize(self, _stop, self.connections, processes))
 
     def generate(
         self, prompts: Sequence[str], *, n: int, temperature: float, top_p: float, max_tokens: int, seed: int
@@ -231,7 +234,8 @@ def _serve(factory: Callable[[], Generator], visible: str, connection: Connectio
 
 
 def _stop(connections: Sequence[Connection], processes: Sequence[Any]) -> None:
-    for connection in connections:
-        connection.send(None)
+    for connection, process in zip(connections, processes):
+        if process.is_alive():
+            connection.send(None)
     for process in processes:
         process.join()
