@@ -1,5 +1,6 @@
 import multiprocessing
 import os
+import shutil
 import sys
 from functools import partial
 from pathlib import Path
@@ -11,7 +12,7 @@ from helpers import compose_config
 from stat_exp import pipeline
 from stat_exp.config import GeneratorConfig, ModelConfig, RLConfig, SFTConfig
 from stat_exp.student.generation import DataParallelGenerator, check_gpus, gpu_groups, make_generator, split
-from stat_exp.student.launch import launch, launch_command, rank_args
+from stat_exp.student.launch import launch, launch_command, rank_args, slurm_hostnames
 from stat_exp.student.models import load_tokenizer
 from stat_exp.student.sft import training_prompt
 from stat_exp.store import Store
@@ -23,7 +24,9 @@ ROWS = [
     for a, b in PAIRS
 ]
 # A job of 2 nodes as SLURM describes it to the task on its second node.
-SLURM_TWO_NODES = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}
+SLURM_TWO_NODES = {
+    "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456",
+}
 
 
 def hosts(nodelist: str) -> list[str]:
@@ -42,6 +45,17 @@ def test_several_nodes_take_rank_address_and_port_from_slurm() -> None:
     ]  # port 20000 + 123456 % 10000, the same on both nodes
     node0 = rank_args(4, {**SLURM_TWO_NODES, "SLURM_NODEID": "0", "MASTER_PORT": "29500"}, hosts)
     assert node0[1:4] == ["--node_rank=0", "--master_addr=gpu07", "--master_port=29500"]
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="needs SLURM's scontrol (Debian: slurm-client)")
+def test_the_main_address_is_the_first_host_scontrol_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # scontrol expands node lists by itself, but wants a configuration: a minimal one of its own.
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=t\nSlurmctldHost=localhost\nNodeName=localhost CPUs=1\n"
+                    "PartitionName=debug Nodes=localhost\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    assert slurm_hostnames("gpu[07-08],cpu3") == ["gpu07", "gpu08", "cpu3"]
+    assert rank_args(2, SLURM_TWO_NODES)[2] == "--master_addr=gpu07"
 
 
 def test_several_nodes_without_a_node_id_is_an_error() -> None:
