@@ -1,6 +1,9 @@
+import json
 import multiprocessing
 import os
 import shutil
+import socket
+import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -12,7 +15,7 @@ from helpers import compose_config
 from stat_exp import pipeline
 from stat_exp.config import GeneratorConfig, ModelConfig, RLConfig, SFTConfig
 from stat_exp.student.generation import DataParallelGenerator, check_gpus, gpu_groups, make_generator, split
-from stat_exp.student.launch import launch, launch_command, rank_args, slurm_hostnames
+from stat_exp.student.launch import launch, launch_command, rank_args, slurm_hostnames, write_spec
 from stat_exp.student.models import load_tokenizer
 from stat_exp.student.sft import training_prompt
 from stat_exp.store import Store
@@ -47,13 +50,21 @@ def test_several_nodes_take_rank_address_and_port_from_slurm() -> None:
     assert node0[1:4] == ["--node_rank=0", "--master_addr=gpu07", "--master_port=29500"]
 
 
-@pytest.mark.skipif(shutil.which("scontrol") is None, reason="needs SLURM's scontrol (Debian: slurm-client)")
-def test_the_main_address_is_the_first_host_scontrol_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # scontrol expands node lists by itself, but wants a configuration: a minimal one of its own.
-    conf = tmp_path / "slurm.conf"
+needs_scontrol = pytest.mark.skipif(shutil.which("scontrol") is None,
+                                    reason="needs SLURM's scontrol (Debian: slurm-client)")
+
+
+def scontrol_conf(folder: Path) -> Path:
+    """scontrol expands node lists by itself, but wants a configuration: a minimal one of its own."""
+    conf = folder / "slurm.conf"
     conf.write_text("ClusterName=t\nSlurmctldHost=localhost\nNodeName=localhost CPUs=1\n"
                     "PartitionName=debug Nodes=localhost\n")
-    monkeypatch.setenv("SLURM_CONF", str(conf))
+    return conf
+
+
+@needs_scontrol
+def test_the_main_address_is_the_first_host_scontrol_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_CONF", str(scontrol_conf(tmp_path)))
     assert slurm_hostnames("gpu[07-08],cpu3") == ["gpu07", "gpu08", "cpu3"]
     assert rank_args(2, SLURM_TWO_NODES)[2] == "--master_addr=gpu07"
 
@@ -128,6 +139,23 @@ def test_grpo_trains_in_two_cpu_ranks(tiny_model_dir: Path, tmp_path: Path) -> N
                      options={"use_vllm": False})
     assert summary["ranks"] == 2 and summary["steps"] == 2 and len(summary["rewards"]) == 2
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]  # no launch.json, summary.json, checkpoints
+
+
+@pytest.mark.distributed
+@needs_scontrol
+def test_two_nodes_on_one_host_train_as_two_ranks(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """What `srun` starts on each node of a 2-node job, run here twice with each node's SLURM environment."""
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    spec = write_spec("sft", str(tiny_model_dir), ROWS, full(), tmp_path, model_cfg=MODEL)
+    slurm = {"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "7",
+             "MASTER_PORT": str(port), "SLURM_CONF": str(scontrol_conf(tmp_path))}
+    nodes = [subprocess.Popen([sys.executable, "-m", "stat_exp.student.launch", "--node", "1", str(spec)],
+                              env={**os.environ, **slurm, "SLURM_NODEID": str(node)}) for node in (0, 1)]
+    assert [node.wait(timeout=120) for node in nodes] == [0, 0]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["epochs"] == [0.5, 1.0]  # one rank a node, 2 rows each a step
 
 
 def test_launch_refuses_an_unknown_stage(tmp_path: Path) -> None:

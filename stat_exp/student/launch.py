@@ -89,13 +89,9 @@ def launch_command(num_processes: int, spec: Path, env: Mapping[str, str]) -> li
             sys.executable, "-m", "stat_exp.student.launch", "--node", str(num_processes), str(spec)]
 
 
-def launch(stage: str, num_processes: int, model_path: str, rows: Sequence[dict], cfg: Any, out_dir: Path, *,
-           model_cfg: ModelConfig, options: Mapping[str, Any] | None = None) -> dict:
-    """Runs training stage `stage` (a name in STAGES) in `num_processes` ranks per node; returns rank 0's summary.
-
-    `options` are the stage function's other keyword arguments (JSON values). The ranks log their
-    curves to the console; W&B stays with the driver, which logs the returned summary.
-    """
+def write_spec(stage: str, model_path: str, rows: Sequence[dict], cfg: Any, out_dir: Path, *,
+               model_cfg: ModelConfig, options: Mapping[str, Any] | None = None) -> Path:
+    """Writes `out_dir/launch.json`, all that a rank needs to train `stage`; returns its path."""
     if stage not in STAGES:
         raise ValueError(f"unknown training stage {stage!r}; choose one of {', '.join(STAGES)}")
     spec = out_dir / SPEC
@@ -105,6 +101,17 @@ def launch(stage: str, num_processes: int, model_path: str, rows: Sequence[dict]
         "model_cfg": OmegaConf.to_container(OmegaConf.structured(model_cfg)),
         "options": dict(options or {}),
     }))
+    return spec
+
+
+def launch(stage: str, num_processes: int, model_path: str, rows: Sequence[dict], cfg: Any, out_dir: Path, *,
+           model_cfg: ModelConfig, options: Mapping[str, Any] | None = None) -> dict:
+    """Runs training stage `stage` (a name in STAGES) in `num_processes` ranks per node; returns rank 0's summary.
+
+    `options` are the stage function's other keyword arguments (JSON values). The ranks log their
+    curves to the console; W&B stays with the driver, which logs the returned summary.
+    """
+    spec = write_spec(stage, model_path, rows, cfg, out_dir, model_cfg=model_cfg, options=options)
     command = launch_command(num_processes, spec, os.environ)
     logger.info("%s in %d ranks per node: %s", stage, num_processes, " ".join(command))
     subprocess.run(command, check=True)
