@@ -4,6 +4,7 @@ Only Hydra and the config dataclasses are imported here: `--help` and `--cfg job
 without loading torch, transformers or litellm.
 """
 
+import os
 import sys
 
 import hydra
@@ -22,6 +23,8 @@ def main(cfg: DictConfig) -> None:
     from stat_exp.store import IncompleteArtifact
     from stat_exp.teacher.client import BudgetExceeded, TeacherFatalError
 
+    if int(os.environ.get("SLURM_PROCID", "0")) > 0:
+        return  # a job of several nodes runs one driver, on its first task; its training ranks reach the others
     require(cfg)  # everything this machine lacks, listed before any stage runs
     try:
         run(cfg, HydraConfig.get().runtime.output_dir)

