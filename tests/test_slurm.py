@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -48,12 +49,13 @@ def test_a_preempted_job_is_requeued_resumes_and_the_sweep_completes(cluster, tm
     sweep, cache = tmp_path / "sweep", tmp_path / "cache"
     env = {**cluster.env, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     args = [sys.executable, "-m", "stat_exp", "-m", *SMALL, "eval.limit=24", "eval.max_tokens=48", "eval.samples=1",
+            "generator.shard_size=4",
             *LAUNCHER, "hydra.launcher.timeout_min=30", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={cache}"]
     sweep_process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
-    # Preempt the job once it has finished a stage (the tiny model) and is inside the next (evaluation).
+    # Preempt the job inside its evaluation, once a shard of it is written: the model stage is finished.
     deadline = time.monotonic() + 300
-    while not list((cache / "model").glob("*/manifest.json")):
+    while not list(cache.glob("eval/.tmp-*/shards/*.jsonl")):
         assert time.monotonic() < deadline and sweep_process.poll() is None, sweep_process.stdout.read()
         time.sleep(0.5)
     (job_id,) = cluster.run("squeue", "-h", "-o", "%i").split()
@@ -63,6 +65,7 @@ def test_a_preempted_job_is_requeued_resumes_and_the_sweep_completes(cluster, tm
 
     log = (sweep / ".submitit" / job_id / f"{job_id}_0_log.out").read_text()
     assert "this job is preempted" in log and log.count("stage model") == 2
+    assert re.search(r"resuming: [1-5] of 6 shards of 4 questions already answered", log)  # the rest generated
     metrics = json.loads((sweep / "0" / "metrics.json").read_text())
     assert [(s["stage"], s["status"]) for s in metrics["stages"]] == [("model", "reused"), ("eval", "computed")]
     assert metrics["eval"]["base"]["math500"]["n"] == 24
