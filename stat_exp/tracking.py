@@ -99,9 +99,16 @@ class Tracker:
         path = self.run_dir / "metrics.json"
         path.write_text(json.dumps(self.metrics, indent=2, default=str))
         if self.wandb_run is not None and self.stopped:
-            # SLURM stops every process of the job, W&B's service too: finishing would fail, and the
-            # requeued job resumes this run under the same id.
-            log.warning("job stopped: W&B run %s left open for the requeued job to resume", self.wandb_run.id)
+            # SLURM is stopping every process of the job. W&B's service may be gone already (then the
+            # run stays open), or still running (then it is closed, so that the id is free): either
+            # way the requeued job resumes this run under the same id.
+            import wandb
+
+            try:
+                self.wandb_run.finish(exit_code=1)
+            except (OSError, wandb.errors.Error) as err:
+                log.warning("job stopped: W&B run %s left open (%s); the requeued job resumes it",
+                            self.wandb_run.id, err)
         elif self.wandb_run is not None:
             self.wandb_run.summary.update(_flatten(self.metrics))
             self.wandb_run.finish()

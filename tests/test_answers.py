@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from stat_exp.config import TeacherConfig, VariantConfig
 from stat_exp.data import DataInputs, build_training_data
-from stat_exp.select import Answers
+from stat_exp.select import Answers, lineage
 from stat_exp.synth import agreeing_solutions
 from stat_exp.teacher.client import Teacher
 from teacher_server import TeacherServer
@@ -56,7 +56,7 @@ def test_each_answers_mode_gives_the_documented_number_of_answers(tmp_path, mode
         source.fetch(questions)  # fetched once per question
         assert server.requests == 4 * rewrites
     for row in questions:
-        pairs = source.of(row, ["skill"])
+        pairs = source.of(row, ["skill"], lineage("augment"))
         assert len(pairs) == answers
         origins = [p["origin"] for p in pairs]
         assert origins == (["reference"] if mode != "rewrite" else []) + ["rewrite"] * rewrites
@@ -69,8 +69,8 @@ def test_rewrites_with_another_final_answer_or_none_are_dropped_and_counted(tmp_
     with TeacherServer(rewriter(wrong_first="Problem number 1.", unboxed_first="Problem number 2.")) as server:
         source = Answers(lambda: teacher(server, tmp_path), "both", per_question=3)
         source.fetch(questions)
-    assert [len(source.of(row, [])) for row in questions] == [3, 2, 2, 3]
-    assert all("999" not in p["answer"] for row in questions for p in source.of(row, []))
+    assert [len(source.of(row, [], lineage("augment"))) for row in questions] == [3, 2, 2, 3]
+    assert all("999" not in p["answer"] for row in questions for p in source.of(row, [], lineage("augment")))
     assert source.rejected == {"unparsed": 1, "wrong_answer": 1}
 
 
@@ -82,7 +82,8 @@ def test_the_data_card_counts_the_dropped_rewrites(tmp_path):
         cfg = OmegaConf.structured(VariantConfig(name="augment"))
         pairs, card = build_training_data(inputs, cfg, budget=12, seed=0)
     assert card["details"]["rejected_rewrites"] == {"unparsed": 0, "wrong_answer": 1}
-    assert len(pairs) == 12 and all("999" not in p["answer"] for p in pairs)
+    # 4 questions x 3 rewrites, one dropped: 11 pairs in the pool, so the budget of 12 is not met.
+    assert len(pairs) == 11 and not card["budget_met"] and all("999" not in p["answer"] for p in pairs)
 
 
 @pytest.mark.parametrize("min_agreement", [2, 3])

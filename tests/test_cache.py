@@ -58,9 +58,10 @@ def test_a_change_to_a_helper_of_the_data_stage_changes_its_key_and_nothing_upst
 
 
 def test_a_change_to_a_module_the_stage_imports_transitively_changes_it(tmp_path):
-    # grading is imported by parsers (skills, skill_map, profile, data), evaluate (probe, eval), difficulty, rewards.
+    # grading is imported by parsers (skills, skill_map, profile, data), evaluate (probe, eval), difficulty,
+    # and rewards (rl, and sft through the rank launcher it shares with GRPO).
     changed = changed_stages(tmp_path, "grading.py", "def extract_boxed(", "def extract_boxed(*_unused, ")
-    assert set(changed) == {"skills", "skill_map", "probe", "difficulty", "profile", "data", "rl", "eval"}
+    assert set(changed) == {"skills", "skill_map", "probe", "difficulty", "profile", "data", "sft", "rl", "eval"}
     assert all(units == ["stat_exp/grading.py"] for units in changed.values())
 
 

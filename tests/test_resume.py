@@ -31,7 +31,7 @@ logging.basicConfig(level=logging.INFO)
 model_dir, root, spec = sys.argv[1:]
 spec = json.loads(Path(spec).read_text())
 cfg, model_cfg = SFTConfig(**spec["cfg"]), ModelConfig(name="tiny", dtype="float32")
-Store(Path(root)).stage("sft", config=spec["cfg"], version="1",
+Store(Path(root)).stage("sft", config=spec["cfg"], code={},
                         compute=lambda out: train_sft(model_dir, spec["rows"], cfg, out, model_cfg=model_cfg))
 """
 
@@ -119,7 +119,7 @@ def probe_stage(store: Store, model_dir: Path, generated: list[int], kill_at_cal
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(generation, "make_generator", Counting)
-        return store.stage("probe", config={}, version="1", compute=compute)
+        return store.stage("probe", config={}, code={}, compute=compute)
 
 
 def test_killed_probe_keeps_its_shards_and_the_rerun_generates_only_the_rest(

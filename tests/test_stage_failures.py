@@ -59,17 +59,18 @@ def stored(tmp_path, stage: str) -> list:
 
 def test_every_request_failing_stores_nothing_and_a_healthy_rerun_completes(tmp_path, task_dir):
     with TeacherServer(label, refuse=lambda body: 500) as server:
+        cfg = compose_config(*overrides(tmp_path, task_dir, server))
         with pytest.raises(TeacherFailed) as failure:
-            run(compose_config(*overrides(tmp_path, task_dir, server)), tmp_path / "run1")
+            run(cfg, tmp_path / "run1")
         assert server.requests == QUESTIONS * 2  # each sent once and retried once, never cached
-    message = str(failure.value)
-    assert f"{QUESTIONS} of {QUESTIONS} teacher requests" in message and "InternalServerError" in message
-    assert "rerun asks only for the failed ones" in message
-    assert stored(tmp_path, "skill_map") == [] and len(stored(tmp_path, "skills")) == 1
+        message = str(failure.value)
+        assert f"{QUESTIONS} of {QUESTIONS} teacher requests" in message and "InternalServerError" in message
+        assert "rerun asks only for the failed ones" in message
+        assert stored(tmp_path, "skill_map") == [] and len(stored(tmp_path, "skills")) == 1
 
-    with TeacherServer(label) as healthy:
-        metrics = run(compose_config(*overrides(tmp_path, task_dir, healthy)), tmp_path / "run2")
-        assert healthy.requests == QUESTIONS
+        server.refuse = None  # the provider is back
+        metrics = run(cfg, tmp_path / "run2")
+        assert server.requests == QUESTIONS * 3
     assert metrics["skill_map"]["labelled"] == QUESTIONS
 
 
@@ -89,11 +90,12 @@ def test_a_partial_outage_stores_nothing_and_the_rerun_sends_only_the_failed_req
         with pytest.raises(TeacherFailed, match="6 of 20 teacher requests"):
             run(cfg, tmp_path / "run1")
         assert server.answered == 14 and server.requests == 14 + 6 * 2
-    assert stored(tmp_path, "skill_map") == []
+        assert stored(tmp_path, "skill_map") == []
 
-    with TeacherServer(label) as healthy:
-        metrics = run(compose_config(*overrides(tmp_path, task_dir, healthy)), tmp_path / "run2")
-        assert healthy.requests == 6 and {number(b) for b in healthy.bodies} == outage  # the rest: from the cache
+        server.refuse, sent = None, server.requests  # the provider recovers
+        metrics = run(cfg, tmp_path / "run2")
+        assert server.requests - sent == 6  # the answered ones came from the answer cache
+        assert {number(b) for b in server.bodies[14:]} == outage
     assert metrics["skill_map"]["labelled"] == QUESTIONS and len(stored(tmp_path, "skill_map")) == 1
 
 
