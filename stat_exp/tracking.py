@@ -102,13 +102,11 @@ class Tracker:
             # SLURM is stopping every process of the job. W&B's service may be gone already (then the
             # run stays open), or still running (then it is closed, so that the id is free): either
             # way the requeued job resumes this run under the same id.
-            import wandb
-
             try:
                 self.wandb_run.finish(exit_code=1)
-            except (OSError, wandb.errors.Error) as err:
-                log.warning("job stopped: W&B run %s left open (%s); the requeued job resumes it",
-                            self.wandb_run.id, err)
+            except Exception as err:  # the lost service surfaces as one of several wandb-internal types
+                log.warning("job stopped: W&B run %s left open (%s: %s); the requeued job resumes it",
+                            self.wandb_run.id, type(err).__name__, err)
         elif self.wandb_run is not None:
             self.wandb_run.summary.update(_flatten(self.metrics))
             self.wandb_run.finish()
