@@ -123,6 +123,7 @@ def quick_run(tmp_path_factory):
     return tmp / "out", claims
 
 
+@pytest.mark.slow  # twelve pipeline jobs with a pre-training, four GRPO runs: 3 minutes on 2 loaded cores
 def test_the_quick_benchmark_writes_the_four_claims(quick_run) -> None:
     out, claims = quick_run
     written = json.loads((out / "paper_claims.json").read_text())
