@@ -60,6 +60,12 @@ class WorldConfig:
     train_rare_weight: float = 0.1
     val_size: int = 500
     test_size: int = 500
+    # Out of distribution (the paper's OOD benchmarks): longer chains than any problem of pretrain,
+    # train, val or test, uniform over skills; ood_val is probed by a continual round, ood_test held out.
+    ood_min_skills: int = 4  # fewest steps of an OOD problem; must exceed max_skills_per_problem
+    ood_max_skills: int = 4  # most steps of an OOD problem
+    ood_val_size: int = 500
+    ood_test_size: int = 500
     seed: int = 0
 
 

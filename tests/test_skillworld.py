@@ -8,7 +8,8 @@ from stat_exp.grading import extract_boxed
 from stat_exp.tasks import skillworld
 from stat_exp.tasks.skillworld import first_wrong_step, generate, solve, splits
 
-SMALL = WorldConfig(pretrain_size=3000, train_size=600, val_size=200, test_size=200)
+SMALL = WorldConfig(pretrain_size=3000, train_size=600, val_size=200, test_size=200, ood_val_size=200,
+                    ood_test_size=200)
 
 # Each solution line evaluated on its own, without skillworld's code: (pattern, function).
 LINE_RULES = [
@@ -130,7 +131,8 @@ def world_splits() -> dict[str, list[dict]]:
 
 def test_splits_sizes_disjoint_and_deterministic(world_splits: dict[str, list[dict]]) -> None:
     assert {name: len(rows) for name, rows in world_splits.items()} == {
-        "pretrain": SMALL.pretrain_size, "train": SMALL.train_size, "val": SMALL.val_size, "test": SMALL.test_size}
+        "pretrain": SMALL.pretrain_size, "train": SMALL.train_size, "val": SMALL.val_size, "test": SMALL.test_size,
+        "ood_val": SMALL.ood_val_size, "ood_test": SMALL.ood_test_size}
     texts = {name: {row["problem"] for row in rows} for name, rows in world_splits.items()}
     seen = texts["pretrain"] | texts["train"]
     assert not seen & texts["val"] and not seen & texts["test"] and not texts["val"] & texts["test"]
@@ -138,8 +140,35 @@ def test_splits_sizes_disjoint_and_deterministic(world_splits: dict[str, list[di
     ids = [row["id"] for rows in world_splits.values() for row in rows]
     assert len(set(ids)) == len(ids)
     assert splits(SMALL) == world_splits
-    other = splits(WorldConfig(pretrain_size=50, train_size=50, val_size=20, test_size=20, seed=1))
-    assert other["test"] != world_splits["test"][:20]
+    other = splits(WorldConfig(pretrain_size=50, train_size=50, val_size=20, test_size=20, ood_val_size=20,
+                               ood_test_size=20, seed=1))
+    assert other["test"] != world_splits["test"][:20] and other["ood_test"] != world_splits["ood_test"][:20]
+
+
+def test_ood_splits_are_new_and_longer_than_anything_trained_or_probed(world_splits: dict[str, list[dict]]) -> None:
+    texts = {name: {row["problem"] for row in rows} for name, rows in world_splits.items()}
+    in_distribution = texts["pretrain"] | texts["train"] | texts["val"] | texts["test"]
+    assert not in_distribution & texts["ood_val"] and not in_distribution & texts["ood_test"]
+    assert not texts["ood_val"] & texts["ood_test"] and len(texts["ood_test"]) == SMALL.ood_test_size
+    # Harder as the paper's OOD benchmarks are: every chain is longer than any the student saw.
+    longest = max(len(solve(row["problem"])) for name in ("pretrain", "train", "val", "test")
+                  for row in world_splits[name])
+    assert longest == SMALL.max_skills_per_problem == 3
+    for name in ("ood_val", "ood_test"):
+        rows = world_splits[name]
+        assert {len(solve(row["problem"])) for row in rows} == {row["level"] for row in rows} == {4}
+        # Uniform over the skills (no rare ones): each near 1/6 of the steps.
+        counts = Counter(step.skill for row in rows for step in solve(row["problem"]))
+        assert all(0.1 < counts[skill] / sum(counts.values()) < 0.25 for skill in SMALL.skills)
+    wider = splits(WorldConfig(pretrain_size=50, train_size=50, val_size=20, test_size=20, ood_val_size=100,
+                               ood_test_size=20, ood_max_skills=5))
+    assert {row["level"] for row in wider["ood_val"]} == {4, 5}
+
+
+@pytest.mark.parametrize("lengths", [{"ood_min_skills": 3}, {"ood_min_skills": 5, "ood_max_skills": 4}])
+def test_ood_chains_must_be_longer_than_the_pools(lengths: dict) -> None:
+    with pytest.raises(ValueError, match=f"ood_min_skills \\({lengths['ood_min_skills']}\\)"):
+        splits(WorldConfig(pretrain_size=10, train_size=10, val_size=5, test_size=5, **lengths))
 
 
 def test_rare_skills_have_their_weight_in_pretrain_and_train_and_none_in_val_and_test(

@@ -258,5 +258,5 @@ def test_a_generated_world_is_a_task_with_its_splits_as_benchmarks():
     assert (len(train), len(val)) == (40, 10) and train == world_splits(world)["train"]
     assert load_benchmark(task, "test", limit=5) == world_splits(task.world)["test"][:5]
     assert len(load_benchmark(task, "pretrain")) == 60
-    with pytest.raises(ValueError, match=r"unknown benchmark 'math500'; skillworld has \['pretrain', 'test', 'train', 'val'\]"):
+    with pytest.raises(ValueError, match=r"unknown benchmark 'math500'; skillworld has \['ood_test', 'ood_val', 'pretrain', 'test', 'train', 'val'\]"):
         load_benchmark(task, "math500")

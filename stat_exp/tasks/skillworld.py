@@ -150,19 +150,22 @@ def _weights(cfg: WorldConfig, weights: dict[str, float] | None) -> list[float]:
 
 
 def sample_problem(
-    cfg: WorldConfig, rng: random.Random, weights: dict[str, float] | None = None, require: str | None = None
+    cfg: WorldConfig, rng: random.Random, weights: dict[str, float] | None = None, require: str | None = None,
+    lengths: tuple[int, int] | None = None,
 ) -> str:
     """A random problem's text. Each step's skill is drawn by `weights` (skills not named
-    weigh 1); `require` puts that skill at one random step. A problem whose running value would
+    weigh 1); `require` puts that skill at one random step; `lengths` bounds its number of steps
+    (default 1 to `cfg.max_skills_per_problem`). A problem whose running value would
     exceed `cfg.max_value` is redrawn: with small numbers every skill is a table the student can
     learn, so what it lacks is practice, not capacity."""
+    shortest, longest = lengths or (1, cfg.max_skills_per_problem)
     skill_weights = _weights(cfg, weights)
     if require is not None and require not in cfg.skills:
         raise ValueError(f"unknown skill {require!r}; this world has {cfg.skills}")
     if cfg.max_value < cfg.max_operand:
         raise ValueError(f"max_value ({cfg.max_value}) must be at least max_operand ({cfg.max_operand})")
     while True:
-        steps = rng.randint(1, cfg.max_skills_per_problem)
+        steps = rng.randint(shortest, longest)
         skills = rng.choices(cfg.skills, weights=skill_weights, k=steps)
         if require is not None:
             skills[rng.randrange(steps)] = require
@@ -215,10 +218,12 @@ def generate(cfg: WorldConfig, n: int, seed: int, weights: dict[str, float] | No
 
 
 def _generate(
-    cfg: WorldConfig, n: int, seed: int, weights: dict[str, float] | None, *, prefix: str, avoid: set[str] | None
+    cfg: WorldConfig, n: int, seed: int, weights: dict[str, float] | None, *, prefix: str, avoid: set[str] | None,
+    lengths: tuple[int, int] | None = None,
 ) -> list[dict]:
-    """Rows as `generate` makes them; with `avoid`, a problem whose text is in it is redrawn,
-    and each kept text is added to it, so that the rows are distinct and new to `avoid`."""
+    """Rows as `generate` makes them (with `lengths` steps, see `sample_problem`); with `avoid`, a
+    problem whose text is in it is redrawn, and each kept text is added to it, so that the rows are
+    distinct and new to `avoid`."""
     rng = random.Random(seed)
     rows: list[dict] = []
     draws = 0
@@ -227,7 +232,7 @@ def _generate(
         if draws > 100 * n + 1000:
             raise ValueError(f"could not draw {n} distinct new problems: max_operand={cfg.max_operand} "
                              f"and max_skills_per_problem={cfg.max_skills_per_problem} allow too few")
-        problem = sample_problem(cfg, rng, weights)
+        problem = sample_problem(cfg, rng, weights, lengths=lengths)
         if avoid is not None:
             if problem in avoid:
                 continue
@@ -249,7 +254,13 @@ def split_seed(cfg: WorldConfig, name: str) -> int:
 def splits(cfg: WorldConfig) -> dict[str, list[dict]]:
     """pretrain (the rare skills at `rare_weight`), train (the pool STAT selects from, the rare
     skills at `train_rare_weight`), val and test (uniform over skills, distinct problems that
-    appear in neither pretrain nor train)."""
+    appear in neither pretrain nor train), and ood_val and ood_test: out of distribution, as the
+    paper's OOD benchmarks are harder than MATH, with chains of `ood_min_skills` to
+    `ood_max_skills` steps, longer than any problem the student trains or is probed on."""
+    if not cfg.max_skills_per_problem < cfg.ood_min_skills <= cfg.ood_max_skills:
+        raise ValueError(f"OOD chains must be longer than the pool's: need max_skills_per_problem "
+                         f"({cfg.max_skills_per_problem}) < ood_min_skills ({cfg.ood_min_skills}) <= "
+                         f"ood_max_skills ({cfg.ood_max_skills})")
     pretrain = _generate(cfg, cfg.pretrain_size, split_seed(cfg, "pretrain"), rare_mixture(cfg, cfg.rare_weight),
                          prefix="skillworld-pretrain", avoid=None)
     train = _generate(cfg, cfg.train_size, split_seed(cfg, "train"), rare_mixture(cfg, cfg.train_rare_weight),
@@ -258,4 +269,10 @@ def splits(cfg: WorldConfig) -> dict[str, list[dict]]:
     seen = {row["problem"] for row in pretrain + train}
     val = _generate(cfg, cfg.val_size, split_seed(cfg, "val"), None, prefix="skillworld-val", avoid=seen)
     test = _generate(cfg, cfg.test_size, split_seed(cfg, "test"), None, prefix="skillworld-test", avoid=seen)
-    return {"pretrain": pretrain, "train": train, "val": val, "test": test}
+    # `seen` now holds val and test too, so ood_val and ood_test share no problem with any split.
+    ood = (cfg.ood_min_skills, cfg.ood_max_skills)
+    ood_val = _generate(cfg, cfg.ood_val_size, split_seed(cfg, "ood_val"), None, prefix="skillworld-ood_val",
+                        avoid=seen, lengths=ood)
+    ood_test = _generate(cfg, cfg.ood_test_size, split_seed(cfg, "ood_test"), None, prefix="skillworld-ood_test",
+                         avoid=seen, lengths=ood)
+    return {"pretrain": pretrain, "train": train, "val": val, "test": test, "ood_val": ood_val, "ood_test": ood_test}
