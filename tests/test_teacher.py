@@ -333,8 +333,6 @@ def test_requests_per_minute_spaces_request_starts(tmp_path):
     assert len(gaps) == 5 and sorted(gaps)[2] > 0.15 and 0.8 < sum(gaps) < 3.0
 
 
-@pytest.mark.xfail(strict=True, reason="the spacing restarts with each ask() (client._ask_all resets _next_start), "
-                                       "so a stage asking in several batches bursts at each batch's start")
 def test_requests_per_minute_holds_across_ask_calls(tmp_path):
     with TeacherServer(lambda body: "ok") as server:
         gaps = spaced_arrivals(server, Teacher(teacher_config(server, requests_per_minute=60), tmp_path), 2, 2)

@@ -133,6 +133,9 @@ class Teacher:
             raise ValueError(f"teacher.models names unknown prompt kinds {unknown}; known: {sorted(cfg.sampling)}")
         self._api_key = _api_key(cfg)  # held in memory only: never in a config, log or artifact
         self._budget_hit = False
+        # When the next request may start under requests_per_minute: kept across ask() calls, so a
+        # stage that asks in several batches keeps the spacing at each batch's start.
+        self._next_start = time.monotonic()
         self.unparsed_answers: list[str] = []  # raw answers no attempt could parse, shown when a stage fails on them
         self.error_examples: dict[str, str] = {}  # one message per kind of failed request
         self._fatal: TeacherFatalError | None = None  # the first unfixable error: nothing is sent after it
@@ -196,7 +199,6 @@ class Teacher:
                 self._cache_model[kind] = f"{model}@{oracle.fingerprint()}"
         self._litellm = litellm
         self._slots = asyncio.Semaphore(self.cfg.concurrency)
-        self._next_start = time.monotonic()
         # Batch mode: the Batch API answers the first attempts the cache lacks; the rest is online.
         self._batched = await batch.answer_uncached(self, requests) if self.cfg.batch else {}
         replies: list = [None] * len(requests)
