@@ -20,12 +20,11 @@ import os
 import re
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stat_exp.config import PathsConfig
-from stat_exp.store import MANIFEST, TMP_PREFIX, TRASH_PREFIX, USES, acquire, lock_path, read_jsonl
+from stat_exp.store import MANIFEST, TMP_PREFIX, TRASH_PREFIX, USES, acquire, discard, lock_path, read_jsonl
 
 DEFAULT_ROOT = PathsConfig().cache_dir  # the pipeline's default paths.cache_dir
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -162,10 +161,7 @@ def _remove(removal: Removal, older_than: float | None, now: float, dry_run: boo
                 return
         if dry_run:
             return
-        target = removal.part or entry.path
-        trash = stage_dir / f"{TRASH_PREFIX}{entry.key}-{uuid.uuid4().hex[:8]}"
-        os.rename(target, trash)  # atomic: from here no run finds this artifact (or these weights)
-        shutil.rmtree(trash)
+        discard(removal.part or entry.path, stage_dir, entry.key)  # from the rename on, no run finds it (or these weights)
         if removal.part is None:
             for path, _ in locks:  # unlinked while held: a waiting process notices and relocks (store.acquire)
                 path.unlink(missing_ok=True)

@@ -39,6 +39,15 @@ class IncompleteArtifact(RuntimeError):
     """A stage's output is not whole (failed requests, an empty result): nothing was stored for it."""
 
 
+def discard(path: Path, stage_dir: Path, key: str) -> None:
+    """Delete `path` (an artifact, or a part of one) so that no reader ever finds half of it:
+    renamed to a `.trash-*` name in its stage's folder first (atomic; `gc` removes one a kill
+    left behind), then removed."""
+    trash = stage_dir / f"{TRASH_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
+    os.rename(path, trash)
+    shutil.rmtree(trash)
+
+
 def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
     count = 0
     with open(path, "w", encoding="utf-8") as f:
@@ -201,9 +210,7 @@ class Store:
         if reason is None:
             return True
         log.warning("stage %s %s: the stored artifact is incomplete (%s); computing it again", stage, key, reason)
-        trash = final.with_name(f"{TRASH_PREFIX}{key}-{uuid.uuid4().hex[:8]}")
-        os.rename(final, trash)  # atomic: no reader sees half of it
-        shutil.rmtree(trash)
+        discard(final, final.parent, key)
         return False
 
     def _record_use(self, folder: Path) -> None:
