@@ -122,6 +122,31 @@ def test_match_skills_spells_known_as_the_catalogue_and_keeps_unknown_as_written
     assert unknown == ["Made Up Skill"]
 
 
+def test_match_skills_reads_every_name_of_a_list_line():
+    # An unknown name, then known ones: the line is read to its end.
+    assert match_skills(["solving_systems, factoring_skills"], CATALOGUE) == (["factoring_skills"], ["solving_systems"])
+    # `a and b` of two known names, then more names.
+    assert match_skills(["factoring_skills and quadratic_equation_skills, ratio_and_proportion_skills"], CATALOGUE) == (
+        ["factoring_skills", "quadratic_equation_skills", "ratio_and_proportion_skills"], [])
+    # `and` inside a name that is not two known names leaves the name whole.
+    assert match_skills(["factoring_skills, solving and checking"], CATALOGUE) == (
+        ["factoring_skills"], ["solving and checking"])
+
+
+def test_list_parts_join_into_one_name_only_as_far_as_catalogue_names_hold_separators():
+    catalogue = ["counting", "probability", "algebra", "counting_probability"]  # no name holds a comma
+    assert match_skills(["counting, probability, algebra"], catalogue) == (["counting", "probability", "algebra"], [])
+    assert match_skills(["counting"], []) == ([], ["counting"])  # an empty catalogue knows no name
+
+
+def test_match_skills_finds_a_one_part_name_with_brackets_in_a_list():
+    # A catalogue name holding a comma makes runs of two parts possible; a one-part name with
+    # brackets is still matched whole, not read as a name and a remark.
+    catalogue = ["sequences, series and summation", "counting (combinatorics)"]
+    assert match_skills(["counting (combinatorics), factoring"], catalogue) == (
+        ["counting (combinatorics)"], ["factoring"])
+
+
 # parse_fine_skill and parse_clusters
 
 
@@ -143,6 +168,13 @@ def test_parse_fine_skill_without_a_name(text):
         parse_fine_skill(text)
 
 
+def test_a_skill_name_of_up_to_100_characters_is_a_name():
+    name = "a" * 100
+    assert parse_fine_skill(f"<skill>{name}</skill>") == name
+    with pytest.raises(ParseError, match=r"^no <skill> tag with a skill name$"):
+        parse_fine_skill(f"<skill>{name}a</skill>")
+
+
 def test_parse_clusters_normalizes_and_deduplicates():
     text = """Here are the groups.
 <skill>Polynomial Skills</skill>
@@ -154,7 +186,7 @@ def test_parse_clusters_normalizes_and_deduplicates():
 
 
 def test_parse_clusters_without_skills():
-    with pytest.raises(ParseError, match="<skill>"):
+    with pytest.raises(ParseError, match=r"^no <skill> tag with a coarse skill name$"):
         parse_clusters("<members>a, b</members>")
 
 
@@ -186,6 +218,9 @@ def test_parse_labels_keeps_the_first_max_skills():
     text = "".join(f"<skill>{s}</skill>" for s in reversed(CATALOGUE))
     assert parse_labels(text, CATALOGUE, max_skills=2).skills == tuple(reversed(CATALOGUE))[:2]
     assert parse_labels(text, CATALOGUE).skills == tuple(reversed(CATALOGUE))
+    assert parse_labels(text, CATALOGUE, max_skills=1).skills == (CATALOGUE[-1],)
+    six = [f"skill_{i}" for i in range(6)]
+    assert parse_labels("".join(f"<skill>{s}</skill>" for s in six), six).skills == tuple(six[:5])  # the default
 
 
 def test_parse_labels_without_a_reason_has_an_empty_one():
@@ -197,6 +232,25 @@ def test_parse_labels_without_a_known_skill_names_the_unknown_ones():
         parse_labels("<skill>clever_tricks</skill><reason>r</reason>", CATALOGUE)
     with pytest.raises(ParseError, match="catalogue"):
         parse_labels("factoring_skills", CATALOGUE)
+
+
+@pytest.mark.parametrize(
+    ("unknown", "message"),
+    [
+        ([], "no <skill> from the catalogue"),
+        (["u1", "u2", "u3", "u4", "u5"], "no <skill> from the catalogue; named instead: 'u1', 'u2', 'u3', 'u4', 'u5'"),
+        # At most five names, each cut to 60 characters, and how many more.
+        (["u1", "u2", "u3", "u4", "u5", "u6"],
+         "no <skill> from the catalogue; named instead: 'u1', 'u2', 'u3', 'u4', 'u5' and 1 more"),
+        (["x" * 61, "u2", "u3", "u4", "u5", "u6", "u7"],
+         f"no <skill> from the catalogue; named instead: '{'x' * 60}', 'u2', 'u3', 'u4', 'u5' and 2 more"),
+    ],
+)
+def test_the_parse_error_names_a_few_of_the_unknown_skills(unknown, message):
+    text = "".join(f"<skill>{name}</skill>" for name in unknown) or "<skill>none</skill>"
+    with pytest.raises(ParseError) as error:
+        parse_labels(text, CATALOGUE)
+    assert str(error.value) == message
 
 
 def test_parse_labels_rejects_a_bad_max_skills():
@@ -289,6 +343,7 @@ def test_parse_diagnosis_correct_names_no_skill():
         ("Right", "correct"),
         ("true", "correct"),
         ("The response is correct.", "correct"),
+        ("Correct: the final answer is correct.", "correct"),  # a verdict word ends a negation, not starts one
     ],
 )
 def test_parse_diagnosis_reads_the_judge(judge, expected):
@@ -296,9 +351,10 @@ def test_parse_diagnosis_reads_the_judge(judge, expected):
     assert parse_diagnosis(text, CATALOGUE).judge == expected
 
 
-@pytest.mark.parametrize("judge", ["", "maybe", "correct|incorrect", "correct or incorrect", "..."])
+@pytest.mark.parametrize("judge", ["", "maybe", "correct|incorrect", "incorrect|correct", "correct or incorrect",
+                                   "..."])
 def test_parse_diagnosis_without_a_readable_judge(judge):
-    with pytest.raises(ParseError, match="<judge>"):
+    with pytest.raises(ParseError, match=r"^no readable <judge> \(correct or incorrect\)$"):
         parse_diagnosis(f"<judge>{judge}</judge><skill>factoring_skills</skill>", CATALOGUE)
 
 
@@ -336,6 +392,12 @@ Factor $x^2 - 5x + 6$ and find the sum of its roots.
     assert parse_questions(text, count=2) == questions[:2]
 
 
+def test_parse_questions_reads_on_after_a_duplicate_or_a_placeholder():
+    text = "<question>What is $1+1$?</question><question>What is  $1+1$?</question><question>. . .</question>"
+    text += "<question>What is $2+2$?</question>"
+    assert parse_questions(text) == ["What is $1+1$?", "What is $2+2$?"]
+
+
 def test_parse_questions_drops_a_question_cut_off_at_the_end():
     text = "<question>What is $1+1$?</question>\n<question>What is the largest prime factor of"
     assert parse_questions(text) == ["What is $1+1$?"]
@@ -355,7 +417,7 @@ def test_parse_questions_rejects_a_bad_count():
 
 @pytest.mark.parametrize("text", [None, "", "What is 1+1?", "<question>...</question>", "<question>"])
 def test_parse_questions_without_questions(text):
-    with pytest.raises(ParseError, match="<question>"):
+    with pytest.raises(ParseError, match=r"^no complete, non-empty <question> tag$"):
         parse_questions(text)
 
 
@@ -369,7 +431,7 @@ def test_parse_solution():
 
 @pytest.mark.parametrize("text", [None, "", "The answer is 4.", "so \\boxed{\\frac{1}{2}", "\\boxed{}", "\\boxed{ }"])
 def test_parse_solution_without_a_final_answer(text):
-    with pytest.raises(ParseError, match="boxed"):
+    with pytest.raises(ParseError, match=r"^no final \\boxed\{\} answer$"):
         parse_solution(text)
 
 
