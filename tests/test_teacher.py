@@ -410,3 +410,14 @@ def test_openai_compatible_models_skip_litellms_call(tmp_path, monkeypatch):
         with pytest.raises(AssertionError, match="litellm.acompletion called for openai/test-teacher"):
             label_questions(Teacher(teacher_config(server, direct_openai=False), tmp_path / "litellm"),
                             questions(1), CATALOGUE, max_skills=5)
+
+
+@pytest.mark.parametrize("variable", ["OPENAI_BASE_URL", "OPENAI_API_BASE"])
+def test_an_openai_base_url_from_the_environment_is_followed_on_both_paths(tmp_path, monkeypatch, direct, variable):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with TeacherServer(labeller) as server:
+        monkeypatch.setenv(variable, server.url)
+        cfg = OmegaConf.structured(TeacherConfig(name="x", model="openai/test-teacher", direct_openai=direct))
+        records = label_questions(Teacher(cfg, tmp_path), questions(2), CATALOGUE, max_skills=5)
+    assert server.requests == 2 and [r["skills"] for r in records] == [["triangles"], ["linear_equations", "factoring"]]

@@ -401,7 +401,9 @@ class Teacher:
 
         client = self._sdk_clients.get(model)
         if client is None:  # the SDK reads OPENAI_API_KEY when given none, and says when it is not set
-            client = openai.AsyncOpenAI(api_key=self._api_key, base_url=self.cfg.api_base, max_retries=0,
+            # litellm's order: the config, then OPENAI_BASE_URL (which the SDK reads), then OPENAI_API_BASE
+            base_url = self.cfg.api_base or os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_API_BASE")
+            client = openai.AsyncOpenAI(api_key=self._api_key, base_url=base_url, max_retries=0,
                                         timeout=self.cfg.timeout)
             self._sdk_clients[model] = client
         sampling = tuple(sorted(params.items()))
