@@ -1,9 +1,10 @@
 """Teacher throughput: N labelling calls to a local OpenAI-compatible server with fixed latency.
 
-Compares the Teacher client (async, `--concurrency` in flight) with a one-call-at-a-time
-litellm loop, the way research code usually calls its teacher, and with the ideal
-N x latency / concurrency: the ratio ideal / wall (1.0 at best) and the client's CPU time per
-call. The server runs in its own process, as a provider does, so that its threads do not take
+Compares the Teacher client (async, `--concurrency` in flight), calling the OpenAI-compatible
+server through the openai SDK (its default) and through litellm (`teacher.direct_openai=false`),
+with a one-call-at-a-time litellm loop, the way research code usually calls its teacher, and with
+the ideal N x latency / concurrency: the ratio ideal / wall (1.0 at best) and the client's CPU
+time per call. The server runs in its own process, as a provider does, so that its threads do not take
 the client's interpreter lock. Run from the repository root:
 
     .venv/bin/python -m benchmarks.teacher_throughput --n 1000 --latency 0.1 --concurrency 32 64
@@ -57,10 +58,10 @@ def sequential(url: str, n: int) -> float:
     return time.perf_counter() - start
 
 
-def concurrent(url: str, n: int, concurrency: int) -> tuple[float, float]:
+def concurrent(url: str, n: int, concurrency: int, direct: bool = True) -> tuple[float, float]:
     """Wall seconds and client CPU seconds for n labelling calls through the Teacher."""
     cfg = OmegaConf.structured(TeacherConfig(name="local", model="openai/test-teacher", api_base=url,
-                                             concurrency=concurrency))
+                                             concurrency=concurrency, direct_openai=direct))
     with tempfile.TemporaryDirectory() as cache:  # a cold cache: every call goes to the server
         teacher = Teacher(cfg, Path(cache))
         start, cpu = time.perf_counter(), time.process_time()
@@ -83,17 +84,19 @@ def main() -> None:
     server.start()
     url = ours.recv()
     try:
-        concurrent(url, 50, 8)  # warm up: litellm's first call imports and builds what later calls reuse
+        for direct in (True, False):  # warm up: the first calls import and build what later calls reuse
+            concurrent(url, 50, 8, direct)
         seq = sequential(url, seq_n) * args.n / seq_n
-        print(f"{'method':<28} {'wall s':>8} {'calls/s':>8} {'vs sequential':>14} {'ideal/wall':>10} "
+        print(f"{'method':<30} {'wall s':>8} {'calls/s':>8} {'vs sequential':>14} {'ideal/wall':>10} "
               f"{'CPU ms/call':>11}")
-        print(f"{'one call at a time':<28} {seq:8.1f} {args.n / seq:8.1f} {1:13.1f}x {'':>10} {'':>11}"
+        print(f"{'one call at a time':<30} {seq:8.1f} {args.n / seq:8.1f} {1:13.1f}x {'':>10} {'':>11}"
               + ("" if seq_n == args.n else f"  (timed on {seq_n} calls)"))
         for concurrency in args.concurrency:
-            wall, cpu = concurrent(url, args.n, concurrency)
-            ideal = args.n * args.latency / concurrency
-            print(f"{f'Teacher, concurrency {concurrency}':<28} {wall:8.1f} {args.n / wall:8.1f} "
-                  f"{seq / wall:13.1f}x {ideal / wall:10.2f} {1000 * cpu / args.n:11.2f}")
+            for direct, path in ((False, "litellm"), (True, "openai SDK")):
+                wall, cpu = concurrent(url, args.n, concurrency, direct)
+                ideal = args.n * args.latency / concurrency
+                print(f"{f'Teacher ({path}), conc. {concurrency}':<30} {wall:8.1f} {args.n / wall:8.1f} "
+                      f"{seq / wall:13.1f}x {ideal / wall:10.2f} {1000 * cpu / args.n:11.2f}")
     finally:
         ours.send("stop")
         server.join()

@@ -202,6 +202,9 @@ class TeacherConfig:
     max_unparsed_fraction: float = 0.1
     diagnosis_sees_reference: bool = False  # show the diagnosis the reference solution and answer (the paper's shows neither)
     sampling: Dict[str, Sampling] = field(default_factory=_teacher_sampling)  # per prompt kind
+    # OpenAI and OpenAI-compatible servers (litellm provider "openai") are called through the openai SDK
+    # directly, with litellm's parameter mapping and prices: ~2.5x less CPU a call. false: all through litellm.
+    direct_openai: bool = True
     batch: bool = False  # a stage's uncached requests go through the provider's Batch API: half price, up to 24 h
     batch_poll_interval: float = 60.0  # seconds between retrievals of a submitted batch
     batch_completion_window: str = "24h"  # the provider's deadline; a batch past it expires with what it finished

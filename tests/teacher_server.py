@@ -69,7 +69,7 @@ class TeacherServer:
     def __post_init__(self):
         self._lock = threading.Lock()
         self._rng = random.Random(self.faults.seed)
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._httpd = _Listener(("127.0.0.1", 0), _handler(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
@@ -96,6 +96,11 @@ class TeacherServer:
         if roll < self.faults.error_rate + self.faults.hang_rate:
             return "hang"
         return None
+
+
+class _Listener(ThreadingHTTPServer):
+    # socketserver's backlog of 5 resets connections a client opens 32 at a time; providers' do not.
+    request_queue_size = 256
 
 
 def _handler(server: TeacherServer):

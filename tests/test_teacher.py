@@ -42,6 +42,12 @@ def labeller(body: dict) -> str:
     return "".join(f"<skill>{s}</skill>" for s in needs) + "<reason>named in the question</reason>"
 
 
+@pytest.fixture(params=[True, False], ids=["openai-sdk", "litellm"])
+def direct(request) -> bool:
+    """Both call paths: OpenAI-compatible models through the openai SDK (the default), and through litellm."""
+    return request.param
+
+
 def teacher_config(server: TeacherServer, **overrides) -> TeacherConfig:
     base = OmegaConf.structured(TeacherConfig(name="local", model="openai/test-teacher", api_base=server.url,
                                               concurrency=16, backoff_initial=0.01, backoff_max=0.05, timeout=5))
@@ -63,11 +69,11 @@ def test_labels_200_questions_then_a_rerun_makes_no_call(tmp_path):
         assert server.requests == 200 and again.usage.cache_hits == 200 and again.usage.calls == 0
 
 
-def test_injected_rate_limits_errors_and_timeouts_still_answer_every_item(tmp_path):
+def test_injected_rate_limits_errors_and_timeouts_still_answer_every_item(tmp_path, direct):
     rows = questions(60)
     faults = Faults(error_rate=0.14, hang_rate=0.06, hang_seconds=1.5, seed=1)
     with TeacherServer(labeller, faults) as server:
-        teacher = Teacher(teacher_config(server, timeout=0.5, max_retries=8), tmp_path)
+        teacher = Teacher(teacher_config(server, direct_openai=direct, timeout=0.5, max_retries=8), tmp_path)
         records = label_questions(teacher, rows, CATALOGUE, max_skills=5)
     assert all(r["skills"] and r["error"] is None for r in records)
     assert teacher.usage.retries >= 5 and teacher.usage.failed == 0
@@ -94,11 +100,12 @@ def test_malformed_answers_are_retried_then_recorded(tmp_path):
     assert server.requests == 4 + 2 + 1
 
 
-def test_budget_cap_stops_keeps_paid_answers_and_a_rerun_resumes(tmp_path):
+def test_budget_cap_stops_keeps_paid_answers_and_a_rerun_resumes(tmp_path, direct):
     rows = questions(40)
     with TeacherServer(labeller) as server:
         # A priced model name, so litellm's price table applies to the local server's answers.
-        cfg = teacher_config(server, model="openai/gpt-4o-mini", concurrency=1, max_cost_usd=0.0001)
+        cfg = teacher_config(server, direct_openai=direct, model="openai/gpt-4o-mini", concurrency=1,
+                             max_cost_usd=0.0001)
         teacher = Teacher(cfg, tmp_path)
         with pytest.raises(BudgetExceeded, match=r"of 40 labelling skills requests answered and cached"):
             label_questions(teacher, rows, CATALOGUE, max_skills=5)
@@ -110,7 +117,8 @@ def test_budget_cap_stops_keeps_paid_answers_and_a_rerun_resumes(tmp_path):
         assert len(costs) == paid and all(c > 0 for c in costs)
         assert sum(costs) - max(costs) < 0.0001 <= sum(costs) == pytest.approx(teacher.usage.cost_usd)
 
-        resumed = Teacher(teacher_config(server, model="openai/gpt-4o-mini", concurrency=1), tmp_path)
+        cfg = teacher_config(server, direct_openai=direct, model="openai/gpt-4o-mini", concurrency=1)
+        resumed = Teacher(cfg, tmp_path)
         records = label_questions(resumed, rows, CATALOGUE, max_skills=5)
         assert all(r["skills"] for r in records)
         assert resumed.usage.cache_hits == paid and server.requests == 40
@@ -123,7 +131,7 @@ def test_missing_key_variable_is_named(tmp_path, monkeypatch):
         Teacher(cfg, tmp_path)
 
 
-def test_each_prompt_kind_goes_to_its_model_priced_and_cached_under_it(tmp_path):
+def test_each_prompt_kind_goes_to_its_model_priced_and_cached_under_it(tmp_path, direct):
     def answer(body: dict) -> str:
         return "two words"
 
@@ -132,7 +140,8 @@ def test_each_prompt_kind_goes_to_its_model_priced_and_cached_under_it(tmp_path)
     labelling = Request("skill_labelling", prompt)
     synthesis = Request("synthesis", prompt)
     with TeacherServer(answer) as server:
-        cfg = teacher_config(server, model="openai/gpt-4o-mini", models={"synthesis": "openai/gpt-4o"})
+        cfg = teacher_config(server, direct_openai=direct, model="openai/gpt-4o-mini",
+                             models={"synthesis": "openai/gpt-4o"})
         teacher = Teacher(cfg, tmp_path)
         teacher.ask([labelling, synthesis], lambda text: text)
         assert {b["model"]: b["max_tokens"] for b in server.bodies} == {"gpt-4o-mini": 512, "gpt-4o": 2048}
@@ -140,7 +149,8 @@ def test_each_prompt_kind_goes_to_its_model_priced_and_cached_under_it(tmp_path)
         assert teacher.usage.cost_usd == pytest.approx(10 * 0.15e-6 + 2 * 0.6e-6 + 10 * 2.5e-6 + 2 * 10e-6)
 
         # Another synthesis model: only synthesis is asked again; labelling comes from the cache.
-        cfg = teacher_config(server, model="openai/gpt-4o-mini", models={"synthesis": "openai/gpt-4.1"})
+        cfg = teacher_config(server, direct_openai=direct, model="openai/gpt-4o-mini",
+                             models={"synthesis": "openai/gpt-4.1"})
         again = Teacher(cfg, tmp_path)
         again.ask([labelling, synthesis], lambda text: text)
         assert again.usage.cache_hits == 1 and server.bodies[-1]["model"] == "gpt-4.1" and server.requests == 3
@@ -165,10 +175,11 @@ def test_stage_keys_follow_each_kinds_model():
     assert gpt4o["synthesis"]["kinds"]["synthesis"]["model"] == "openai/gpt-4o"
 
 
-def test_a_rejected_key_is_sent_once_and_stops_the_run_naming_the_variable(tmp_path, monkeypatch):
+def test_a_rejected_key_is_sent_once_and_stops_the_run_naming_the_variable(tmp_path, monkeypatch, direct):
     monkeypatch.setenv("STAT_TEST_KEY", "sk-secret-test-key")
     with TeacherServer(labeller, Faults(error="key")) as server:
-        teacher = Teacher(teacher_config(server, concurrency=1, max_retries=5, api_key_env="STAT_TEST_KEY"), tmp_path)
+        cfg = teacher_config(server, direct_openai=direct, concurrency=1, max_retries=5, api_key_env="STAT_TEST_KEY")
+        teacher = Teacher(cfg, tmp_path)
         with pytest.raises(TeacherFatalError, match=r"^STAT_TEST_KEY was rejected \(401\).*teacher=oracle") as caught:
             label_questions(teacher, questions(20), CATALOGUE, max_skills=5)
         assert server.requests == 1 and teacher.usage.retries == 0
@@ -190,17 +201,18 @@ def test_a_fatal_error_cancels_the_requests_in_flight_and_sends_no_more(tmp_path
     ("bad_request", r"rejected a skill_labelling request .* as invalid \(400"),
     ("context", r"a skill_labelling prompt is longer than openai/test-teacher's context window"),
 ])
-def test_errors_no_retry_fixes_stop_at_once(tmp_path, error, message):
+def test_errors_no_retry_fixes_stop_at_once(tmp_path, error, message, direct):
     with TeacherServer(labeller, Faults(error=error)) as server:
-        teacher = Teacher(teacher_config(server, concurrency=1), tmp_path)
+        teacher = Teacher(teacher_config(server, direct_openai=direct, concurrency=1), tmp_path)
         with pytest.raises(TeacherFatalError, match=message):
             label_questions(teacher, questions(5), CATALOGUE, max_skills=5)
         assert server.requests == 1
 
 
-def test_a_missing_openai_key_stops_before_any_request(tmp_path, monkeypatch):
+def test_a_missing_openai_key_stops_before_any_request(tmp_path, monkeypatch, direct):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    teacher = Teacher(OmegaConf.structured(TeacherConfig(name="x", model="openai/gpt-4o-mini")), tmp_path)
+    teacher = Teacher(OmegaConf.structured(TeacherConfig(
+        direct_openai=direct, name="x", model="openai/gpt-4o-mini")), tmp_path)
     with pytest.raises(TeacherFatalError, match=r"^OPENAI_API_KEY is not set: export it, or choose teacher=local"):
         label_questions(teacher, questions(3), CATALOGUE, max_skills=5)
     assert teacher.usage.retries == 0 and teacher.usage.calls == 0
@@ -212,18 +224,19 @@ def unused_port() -> int:
         return s.getsockname()[1]
 
 
-def test_an_unreachable_api_base_stops_at_once(tmp_path):
+def test_an_unreachable_api_base_stops_at_once(tmp_path, direct):
     url = f"http://127.0.0.1:{unused_port()}/v1"  # nothing listens there: connection refused
-    cfg = OmegaConf.structured(TeacherConfig(name="local", model="openai/x", api_base=url, backoff_initial=0.01))
+    cfg = OmegaConf.structured(TeacherConfig(
+        direct_openai=direct, name="local", model="openai/x", api_base=url, backoff_initial=0.01))
     teacher = Teacher(cfg, tmp_path)
     with pytest.raises(TeacherFatalError, match=f"cannot reach {url} .*fix teacher.api_base"):
         label_questions(teacher, questions(3), CATALOGUE, max_skills=5)
     assert teacher.usage.retries == 0
 
 
-def test_a_refused_connection_after_the_server_answered_is_retried(tmp_path):
+def test_a_refused_connection_after_the_server_answered_is_retried(tmp_path, direct):
     with TeacherServer(labeller) as server:
-        teacher = Teacher(teacher_config(server, max_retries=2), tmp_path)
+        teacher = Teacher(teacher_config(server, direct_openai=direct, max_retries=2), tmp_path)
         label_questions(teacher, questions(1), CATALOGUE, max_skills=5)
     # The server has gone (restarting, say): a transient failure, retried, not a mistake in the config.
     with pytest.raises(TeacherFailed, match="1 of 1 teacher requests"):
@@ -232,11 +245,11 @@ def test_a_refused_connection_after_the_server_answered_is_retried(tmp_path):
 
 
 @pytest.mark.parametrize("retry_after", ["1", "http-date"])
-def test_rate_limits_wait_as_long_as_retry_after_says(tmp_path, retry_after):
+def test_rate_limits_wait_as_long_as_retry_after_says(tmp_path, retry_after, direct):
     if retry_after == "http-date":  # whole seconds only: 2 s from now is between 1 and 2 s after the 429
         retry_after = formatdate(time.time() + 2, usegmt=True)
     with TeacherServer(labeller, Faults(rate_limited=1, retry_after=retry_after)) as server:
-        teacher = Teacher(teacher_config(server, concurrency=1, backoff_initial=0.01), tmp_path)
+        teacher = Teacher(teacher_config(server, direct_openai=direct, concurrency=1, backoff_initial=0.01), tmp_path)
         start = time.monotonic()
         records = label_questions(teacher, questions(1), CATALOGUE, max_skills=5)
         waited = time.monotonic() - start
@@ -257,7 +270,7 @@ def test_retry_after_headers_are_read(headers, seconds):
     assert _retry_after(err) == seconds
 
 
-def test_cached_prompt_tokens_are_counted_and_priced_at_the_cache_price(tmp_path):
+def test_cached_prompt_tokens_are_counted_and_priced_at_the_cache_price(tmp_path, direct):
     def answer(body: dict) -> str:
         return "one"
 
@@ -265,7 +278,7 @@ def test_cached_prompt_tokens_are_counted_and_priced_at_the_cache_price(tmp_path
     requests = [Request("skill_labelling", prompt, sample=i) for i in range(2)]
     with TeacherServer(answer) as server:
         server.cached_tokens = 32
-        teacher = Teacher(teacher_config(server, model="openai/gpt-4o-mini"), tmp_path)
+        teacher = Teacher(teacher_config(server, direct_openai=direct, model="openai/gpt-4o-mini"), tmp_path)
         teacher.ask(requests, lambda text: text)
     # gpt-4o-mini: $0.15 per million input tokens, $0.075 cached, $0.60 output.
     assert teacher.usage.cached_prompt_tokens == 64 and teacher.usage.prompt_tokens == 80
@@ -296,11 +309,12 @@ def test_the_cli_prints_a_fatal_teacher_error_as_one_line(tmp_path):
     assert server.requests == 1
 
 
-def test_failed_answers_are_not_cached_and_a_rerun_asks_them_again(tmp_path):
+def test_failed_answers_are_not_cached_and_a_rerun_asks_them_again(tmp_path, direct):
     rows = questions(6)
     with TeacherServer(labeller, refuse=lambda body: 500 if "Question 3 " in body["messages"][-1]["content"] else None
                        ) as server:
-        cfg = teacher_config(server, max_retries=1, max_failed=1)  # the stage accepts it: the records show it
+        # the stage accepts it: the records show it
+        cfg = teacher_config(server, direct_openai=direct, max_retries=1, max_failed=1)
         records = label_questions(Teacher(cfg, tmp_path), rows, CATALOGUE, max_skills=5)
         assert records[3]["skills"] == [] and "InternalServerError" in records[3]["error"]
         assert server.requests == 5 + 2  # question 3 was tried twice
@@ -365,3 +379,45 @@ def test_cache_key_changes_with_everything_that_changes_the_answer():
     keys = [_cache_key(**(base | change)) for change in [{}, *variants]]
     assert len(set(keys)) == len(keys)
     assert _cache_key(**base) == _cache_key(**base)  # and the same request gets the same key
+
+
+def test_both_call_paths_send_a_model_the_parameters_it_takes(tmp_path):
+    """A reasoning model takes max_completion_tokens and no temperature: litellm's mapping, on either path."""
+    request = Request("skill_labelling", ({"role": "user", "content": "q"},))
+    bodies = {}
+    for direct in (True, False):
+        with TeacherServer(lambda body: "ok") as server:
+            for model in ("openai/o3-mini", "openai/test-teacher"):
+                teacher = Teacher(teacher_config(server, model=model, direct_openai=direct), tmp_path / f"{direct}")
+                teacher.ask([request], str)
+            bodies[direct] = [{k: v for k, v in b.items() if k != "messages"} for b in server.bodies]
+    assert bodies[True] == bodies[False]
+    reasoning, plain = bodies[True]
+    assert reasoning["max_completion_tokens"] == 512 and not {"temperature", "max_tokens"} & set(reasoning)
+    assert plain["max_tokens"] == 512 and plain["temperature"] == 0
+
+
+def test_openai_compatible_models_skip_litellms_call(tmp_path, monkeypatch):
+    import litellm
+
+    async def refuse(**kwargs):
+        raise AssertionError(f"litellm.acompletion called for {kwargs['model']}")
+
+    monkeypatch.setattr(litellm, "acompletion", refuse)
+    with TeacherServer(labeller) as server:
+        records = label_questions(Teacher(teacher_config(server), tmp_path), questions(3), CATALOGUE, max_skills=5)
+        assert [r["skills"] for r in records] == [["triangles"], ["linear_equations", "factoring"], ["triangles"]]
+        with pytest.raises(AssertionError, match="litellm.acompletion called for openai/test-teacher"):
+            label_questions(Teacher(teacher_config(server, direct_openai=False), tmp_path / "litellm"),
+                            questions(1), CATALOGUE, max_skills=5)
+
+
+@pytest.mark.parametrize("variable", ["OPENAI_BASE_URL", "OPENAI_API_BASE"])
+def test_an_openai_base_url_from_the_environment_is_followed_on_both_paths(tmp_path, monkeypatch, direct, variable):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with TeacherServer(labeller) as server:
+        monkeypatch.setenv(variable, server.url)
+        cfg = OmegaConf.structured(TeacherConfig(name="x", model="openai/test-teacher", direct_openai=direct))
+        records = label_questions(Teacher(cfg, tmp_path), questions(2), CATALOGUE, max_skills=5)
+    assert server.requests == 2 and [r["skills"] for r in records] == [["triangles"], ["linear_equations", "factoring"]]

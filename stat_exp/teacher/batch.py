@@ -154,11 +154,7 @@ async def _fetch(teacher: "Teacher", batch, model: str, api: dict) -> dict[str, 
         return {}
     litellm = teacher._litellm
     content = await litellm.afile_content(file_id=batch.output_file_id, **api)
-    try:
-        litellm.get_model_info(model)
-        priced = True
-    except litellm.exceptions.ModelNotMappedError:  # a local server's model: counted as unpriced
-        priced = False
+    priced = teacher.priced(model)
     answers = {}
     for line in content.content.decode().splitlines():
         row = json.loads(line)
