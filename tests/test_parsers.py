@@ -69,6 +69,10 @@ def test_find_tags_leaves_latex_and_comparisons_alone():
     assert find_tags(f"<question>{question}</question>", "question") == [question]
 
 
+def test_a_closed_tag_keeps_a_comparison_that_looks_like_a_tag():
+    assert find_tags("<question>Can $a<b>c$ hold?</question>", "question") == ["Can $a<b>c$ hold?"]
+
+
 def test_find_tags_does_not_match_longer_tag_names():
     assert find_tags("<skills><skill>a</skill></skills>", "skill") == ["a"]
 
@@ -120,6 +124,10 @@ def test_match_skills_spells_known_as_the_catalogue_and_keeps_unknown_as_written
     )
     assert known == ["Factoring_Skills", "quadratic_equation_skills"]
     assert unknown == ["Made Up Skill"]
+
+
+def test_an_unknown_name_is_shown_without_its_markup():
+    assert match_skills(["- **Made Up Skill**.", "`other_skill`"], CATALOGUE) == ([], ["Made Up Skill", "other_skill"])
 
 
 def test_match_skills_reads_every_name_of_a_list_line():
