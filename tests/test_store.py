@@ -1,12 +1,15 @@
 """The artifact store: keys, reuse, and atomic writes."""
 
 import json
+import os
+import re
 import threading
 import time
 
 import pytest
 
-from stat_exp.store import Store, write_jsonl
+from stat_exp import store as store_module
+from stat_exp.store import Store, acquire, lock_path, write_jsonl
 
 
 def make(store, calls, config=None, inputs=None, code=None, fail=False):
@@ -107,3 +110,46 @@ def test_a_second_process_waits_for_the_build_then_reuses_it(tmp_path):
     builder.join(10)
     waiter.join(10)
     assert len(calls) == 1 and [e.status for e in second.events] == ["reused"]
+
+
+def test_an_artifact_stored_incomplete_by_older_code_is_removed_and_computed_again(tmp_path):
+    store, sizes = Store(tmp_path), iter([0, 2])
+
+    def compute(out):
+        n = next(sizes)
+        write_jsonl(out / "rows.jsonl", [{"x": i} for i in range(n)])
+        return {"n": n}
+
+    first = store.stage("demo", config={}, code={}, compute=compute)  # older code: no completeness check
+    again = store.stage("demo", config={}, code={}, compute=compute,
+                        incomplete=lambda summary: None if summary["n"] else "no rows")
+    assert again.summary == {"n": 2} and again.rows() == [{"x": 0}, {"x": 1}]
+    assert [e.status for e in store.events] == ["computed", "computed"]
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == [first.key]  # nothing of the old copy is left
+
+
+def test_a_discard_killed_before_the_delete_leaves_a_trash_folder_and_no_artifact(tmp_path, monkeypatch):
+    store, calls = Store(tmp_path), []
+    artifact = make(store, calls)
+
+    def killed(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_module.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store_module.discard(artifact.path, artifact.path.parent, artifact.key)
+    # The name `gc` looks for: nothing a reader would take for the artifact.
+    [left] = (tmp_path / "demo").iterdir()
+    assert re.fullmatch(rf"\.trash-{artifact.key}-[0-9a-f]{{8}}", left.name)
+    assert (left / "manifest.json").exists() and not artifact.path.exists()
+
+
+def test_close_releases_the_artifacts_the_store_used(tmp_path):
+    store = Store(tmp_path)
+    artifact = make(store, [])
+    lock = lock_path(tmp_path, "demo", artifact.key, "use")
+    assert acquire(lock, exclusive=True, blocking=False) is None  # `gc` may not remove it while in use
+    store.close()
+    fd = acquire(lock, exclusive=True, blocking=False)
+    assert fd is not None
+    os.close(fd)
