@@ -321,6 +321,7 @@ def test_stat_syn_keeps_consistent_new_questions_and_counts_rejections(tmp_path)
         pairs, card = build_training_data(inputs(teacher), variant("syn", new_questions=3, max_passes=1), budget=10_000, seed=0)
     details = card["details"]
     assert details["near_copies"] == 10  # one per (difficult question, skill) pair
+    assert details["pairs_profiled"] == 10 and details["passes"] == 1
     kept = Counter(p["question"] for p in pairs)
     assert len(kept) == details["kept_questions"] == 10 and details["inconsistent"] == 10
     assert all(q.startswith("Fresh question A") and n == 2 for q, n in kept.items())  # the two agreeing solutions
@@ -334,6 +335,22 @@ def test_stat_syn_keeps_consistent_new_questions_and_counts_rejections(tmp_path)
         assert why["rule"] == "syn" and why["skill"] == p["skills"][0] in missing[why["difficult_ids"][0]]
         assert len(why["seed_ids"]) == 3 and set(why["seed_ids"]) <= train_ids and why["agreeing"] == 2
         assert all(SKILLS[int(t[1:]) % 3] == why["skill"] for t in why["seed_ids"])  # examples with the skill
+
+
+def test_stat_syn_asks_each_pass_for_a_new_sample(tmp_path):
+    """A later pass is a fresh draw from the teacher, even where its prompt repeats an earlier one."""
+    samples = []
+
+    class Recording(Teacher):
+        def ask(self, requests, parse, **kwargs):
+            samples.extend(r.sample for r in requests if r.kind == "synthesis")
+            return super().ask(requests, parse, **kwargs)
+
+    with TeacherServer(scripted_synthesis()) as server:
+        cfg = OmegaConf.structured(TeacherConfig(name="local", model="openai/scripted", api_base=server.url))
+        teacher = cache(lambda: Recording(cfg, tmp_path))
+        build_training_data(inputs(teacher), variant("syn", new_questions=3, max_passes=2), budget=10_000, seed=0)
+    assert samples == [0] * 10 + [1] * 10  # ten (difficult question, skill) pairs a pass
 
 
 def test_embed_sel_draws_the_nearest_training_questions(tmp_path, tiny_model_dir):
