@@ -57,8 +57,10 @@ NOT_SECRET_NAMES = ["max_tokens", "api_key_env", "tokenizer_corpus_size", "num_p
 
 @pytest.mark.parametrize("name", SECRET_NAMES)
 def test_a_key_that_names_a_secret_is_masked_at_any_depth(name):
-    cfg = {name: "CANARY", "teacher": {name: "CANARY", "base": {name: None}}, "list": [{name: 123}]}
-    assert mask_secrets(cfg) == {name: MASK, "teacher": {name: MASK, "base": {name: None}}, "list": [{name: MASK}]}
+    # An unset secret (None or "") stays as it is: the saved config shows that it was not set.
+    cfg = {name: "CANARY", "teacher": {name: "CANARY", "base": {name: None}, "other": {name: ""}}, "list": [{name: 123}]}
+    assert mask_secrets(cfg) == {name: MASK, "teacher": {name: MASK, "base": {name: None}, "other": {name: ""}},
+                                 "list": [{name: MASK}]}
     assert cfg[name] == "CANARY"  # the original is untouched
 
 
