@@ -83,6 +83,11 @@ def test_consistency_threshold_follows_min_agreement():
     assert [v["difficult"] for v in verdicts] == [True, False]
 
 
+def test_consistency_with_exactly_min_agreement_samples():
+    [verdict] = classify([record(["4", "4"])], DifficultyConfig(name="consistency", min_agreement=2))
+    assert verdict == {"difficult": False, "response": 0, "majority_count": 2}
+
+
 def test_consistency_needs_enough_samples():
     with pytest.raises(ValueError, match=r"difficulty\.samples >= .*\(2\).* 1 sample"):
         classify([record(["3", "3"]), record(["3"])], DifficultyConfig(name="consistency", min_agreement=2))
@@ -97,6 +102,11 @@ def test_length():
     ]
 
 
+def test_length_rounds_the_mean_to_two_places():
+    [verdict] = classify([record(["1"] * 3, responses=["a", "a", "a b"])], DifficultyConfig(name="length"))
+    assert verdict["words"] == 1.33
+
+
 @pytest.mark.parametrize(
     ("lengths", "difficult", "words", "response"),
     [
@@ -104,6 +114,8 @@ def test_length():
         ([1000, 600, 800, 800, 799], False, 799.8, 0),  # one word short on average, though two answers reach 800
         ([100, 100, 3500, 100, 200], True, 800, 2),  # one very long answer carries the mean; it is diagnosed
         ([799, 799, 799, 799, 799], False, 799, 0),
+        ([800, 800, 801, 800, 800], True, 800.2, 2),
+        ([1, 2, 2, 1, 1], False, 1.4, 1),
     ],
 )
 def test_length_averages_over_samples(lengths, difficult, words, response):
@@ -149,6 +161,8 @@ class FakePRM(torch.nn.Module):
         self.plus = tokenizer.convert_tokens_to_ids("+")
         self.minus = tokenizer.convert_tokens_to_ids("-")
         self.batches: list[int] = []
+        self.widths: list[int] = []  # of each batch, padding included
+        self.texts: list[str] = []  # each response as the model read it
 
     @property
     def device(self) -> torch.device:
@@ -156,6 +170,8 @@ class FakePRM(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
         self.batches.append(len(input_ids))
+        self.widths.append(input_ids.shape[1])
+        self.texts += [self.tokenizer.decode(ids[: int(mask.sum())]) for ids, mask in zip(input_ids, attention_mask)]
         p_plus = torch.full(input_ids.shape, 0.01)
         for row, ids in enumerate(input_ids):
             for pos in range(int(attention_mask[row].sum())):
@@ -214,7 +230,7 @@ def test_prm_conversation():
 
 def test_prm_scores_read_each_steps_plus_position(prm):
     model, tokenizer = prm
-    model.batches.clear()
+    model.batches.clear(), model.widths.clear(), model.texts.clear()
     records = [case_record("earlier_low", "clean"), case_record("mean_low")]
     # No answer: nothing is appended, so the last step is the response's own.
     records.append(record(predictions=[None], responses=[steps_response(FINE, SHAKY)]))
@@ -225,8 +241,79 @@ def test_prm_scores_read_each_steps_plus_position(prm):
     for got, want in zip(scores, expected):
         for sample_got, sample_want in zip(got, want):
             assert sample_got == pytest.approx(sample_want, abs=1e-4)
-    # One forward pass per response, in padded batches of at most prm_batch_size.
+    # One forward pass per response, in padded batches of at most prm_batch_size, longest first.
     assert model.batches == [2, 2]
+    assert model.widths[0] > model.widths[1]
+    # The problem opens each conversation.
+    assert len(model.texts) == 4 and all(f"{PROBLEM} This step is" in text for text in model.texts)
+
+
+class WithSpecialTokens:
+    """The tests' tokenizer made to add a BOS token unless told not to, as Llama 3.1's does;
+    `split` lists texts it encodes as two tokens."""
+
+    def __init__(self, tokenizer, split: tuple[str, ...] = ()) -> None:
+        self.tokenizer, self.split = tokenizer, split
+        self.bos = tokenizer.convert_tokens_to_ids("<|im_start|>")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = ids + ids if text in self.split else ids
+        return [self.bos, *ids] if add_special_tokens else ids
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": self.encode(text, add_special_tokens=add_special_tokens)}
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+
+def test_prm_scores_add_no_special_tokens(prm):
+    model, tokenizer = prm
+    records = [case_record("earlier_low", "clean")]
+    scores = prm_scores(records, DifficultyConfig(name="prm"), model=model, tokenizer=WithSpecialTokens(tokenizer))
+    assert scores[0][0] == pytest.approx(CASES["earlier_low"][2], abs=1e-4)
+    assert scores[0][1] == pytest.approx(CASES["clean"][2], abs=1e-4)
+
+
+def test_prm_scores_need_plus_and_minus_to_be_one_token_each(prm):
+    model, tokenizer = prm
+    with pytest.raises(ValueError, match=r"^the PRM's tokenizer encodes '\+' as 2 tokens, not one$"):
+        prm_scores([case_record("clean")], DifficultyConfig(name="prm"), model=model,
+                   tokenizer=WithSpecialTokens(tokenizer, split=("+",)))
+
+
+@pytest.mark.parametrize("render", [
+    lambda turn: f"{turn['role']}: {turn['content']}\n",  # no assistant header
+    lambda turn: f"{turn['content']}\n" if turn["role"] == "user" else "",  # no assistant turn at all
+])
+def test_prm_scores_fail_on_a_chat_template_without_the_assistant_turns_plus(prm, render):
+    model, tokenizer = prm
+    plain = WithSpecialTokens(tokenizer)
+    plain.apply_chat_template = lambda conversation, tokenize, add_generation_prompt=False: "".join(
+        map(render, conversation))
+    one_step = record(predictions=["1"], responses=[""])  # the final answer is the only step
+    with pytest.raises(ValueError, match=r"^cannot find assistant turn 0's '\+' token in the PRM's chat template$"):
+        prm_scores([one_step], DifficultyConfig(name="prm"), model=model, tokenizer=plain)
+
+
+def test_prm_scores_need_a_prediction_for_each_response(prm):
+    model, tokenizer = prm
+    mismatched = record(predictions=["1"], responses=[steps_response(FINE), steps_response(FINE)])
+    with pytest.raises(ValueError, match="zip"):
+        prm_scores([mismatched], DifficultyConfig(name="prm"), model=model, tokenizer=tokenizer)
+
+
+def test_prm_scores_load_the_configured_prm_by_default(prm, monkeypatch):
+    from stat_exp.student import models
+
+    model, tokenizer = prm
+    loaded = []
+    monkeypatch.setattr(models, "load_tokenizer", lambda name: loaded.append(("tokenizer", name)) or tokenizer)
+    monkeypatch.setattr(models, "load_model", lambda name: loaded.append(("model", name)) or model)
+    scores = prm_scores([case_record("clean")], DifficultyConfig(name="prm", prm_model="org/prm"))
+    assert scores[0][0] == pytest.approx(CASES["clean"][2], abs=1e-4)
+    assert loaded == [("tokenizer", "org/prm"), ("model", "org/prm")]
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -280,10 +367,17 @@ def test_prm_scores_with_a_real_model_do_not_depend_on_batching(tiny_model_dir: 
         ([0.99, 0.71, 0.99, 0.99, 0.99], False),
         ([0.5], True),
         ([], True),
+        ([0.99, 0.7, 0.99], True),  # the step before the last is an earlier step
+        ([0.75, 0.95], True),  # mean exactly tau1 (0.85); last and earlier steps above their thresholds
     ],
 )
 def test_prm_rule(scores, difficult):
     assert prm_rule(scores, tau1=0.85, tau2=0.7) is difficult
+
+
+def test_prm_verdicts_round_scores_to_four_places():
+    [verdict] = prm_verdicts([[[0.123456, 0.99]]], DifficultyConfig(name="prm"))
+    assert verdict["step_scores"] == [0.1235, 0.99] and verdict["min_score"] == 0.1235
 
 
 def test_prm_verdicts_with_an_unscorable_sample():
@@ -323,6 +417,9 @@ def test_agreement_zero_denominators():
     nothing_wrong = agreement(verdicts_of(True, False), verdicts_of(False, False))
     assert nothing_wrong["recall"] is None and nothing_wrong["precision"] == 0.0
     assert agreement([], [])["precision"] is None
+    # As many false positives as true ones: precision one half; recall to four places.
+    result = agreement(verdicts_of(True, True, False, False), verdicts_of(True, False, True, True))
+    assert (result["precision"], result["recall"]) == (0.5, 0.3333)
     with pytest.raises(ValueError, match="2 verdicts but 1"):
         agreement(verdicts_of(True, False), verdicts_of(True))
 
