@@ -31,7 +31,9 @@ def test_computes_once_then_reuses(tmp_path):
     assert len(calls) == 1
     assert first.key == second.key and second.rows() == [{"x": 1}, {"x": 2}]
     assert second.summary == {"n": 2}
-    assert [e.status for e in store.events] == ["computed", "reused"]
+    assert [(e.stage, e.key, e.status) for e in store.events] == [("demo", first.key, "computed"),
+                                                                  ("demo", first.key, "reused")]
+    assert second.stage == "demo" and second.path == first.path
     manifest = json.loads((first.path / "manifest.json").read_text())
     assert manifest["config"] == {"a": 1} and manifest["stage"] == "demo"
 
@@ -112,7 +114,7 @@ def test_a_second_process_waits_for_the_build_then_reuses_it(tmp_path):
     assert len(calls) == 1 and [e.status for e in second.events] == ["reused"]
 
 
-def test_an_artifact_stored_incomplete_by_older_code_is_removed_and_computed_again(tmp_path):
+def test_an_artifact_stored_incomplete_by_older_code_is_removed_and_computed_again(tmp_path, caplog):
     store, sizes = Store(tmp_path), iter([0, 2])
 
     def compute(out):
@@ -124,8 +126,11 @@ def test_an_artifact_stored_incomplete_by_older_code_is_removed_and_computed_aga
     again = store.stage("demo", config={}, code={}, compute=compute,
                         incomplete=lambda summary: None if summary["n"] else "no rows")
     assert again.summary == {"n": 2} and again.rows() == [{"x": 0}, {"x": 1}]
-    assert [e.status for e in store.events] == ["computed", "computed"]
+    assert f"stage demo {first.key}: the stored artifact is incomplete (no rows); computing it again" in caplog.messages
     assert [p.name for p in (tmp_path / "demo").iterdir()] == [first.key]  # nothing of the old copy is left
+    # Complete now: reused.
+    store.stage("demo", config={}, code={}, compute=compute, incomplete=lambda summary: None if summary["n"] else "no rows")
+    assert [e.status for e in store.events] == ["computed", "computed", "reused"]
 
 
 def test_a_discard_killed_before_the_delete_leaves_a_trash_folder_and_no_artifact(tmp_path, monkeypatch):
