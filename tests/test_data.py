@@ -86,6 +86,28 @@ def test_stat_sel_draws_only_questions_with_the_missing_skill():
 def test_stat_sel_hits_the_budget_exactly():
     pairs, card = build_training_data(inputs(), variant("sel", answers="reference"), budget=777, seed=0)
     assert len(pairs) == 777 and card["budget_met"] and card["pairs"] == 777
+    # A pass: 10 (difficult question, skill) pairs x questions_per_pair (5) references = 50 pairs; 777 needs 16.
+    assert card["details"] == {"pairs_profiled": 10, "skills_without_questions": [], "passes": 16,
+                               "rejected_rewrites": {"unparsed": 0, "wrong_answer": 0}}
+
+
+def test_stat_sel_asks_the_teacher_for_rewrites(tmp_path):
+    asked, respond = rewriting_teacher(tmp_path)
+    with TeacherServer(respond) as server:
+        pairs, card = build_training_data(inputs(local_teacher(server, tmp_path)), variant("sel", answers="both"),
+                                          budget=30, seed=0)
+    assert len(pairs) == 30 and set(card["origins"]) == {"reference", "rewrite"} and set(asked.values()) == {2}
+
+
+def test_stat_sel_names_a_missing_skill_no_training_question_has():
+    data = inputs()
+    data.diagnoses.append({"id": "v10", "subject": "Algebra", "judge": "incorrect", "skills": ["rare_skill"],
+                           "unknown": []})
+    data.catalogue = {"Algebra": [*SKILLS, "rare_skill"]}
+    del data.skill_map["t0"]  # a training question the skill map lacks has no skill, and is not drawn
+    pairs, card = build_training_data(data, variant("sel", answers="reference"), budget=30, seed=0)
+    assert card["details"]["skills_without_questions"] == ["rare_skill"] and card["details"]["pairs_profiled"] == 11
+    assert len(pairs) == 30 and "t0" not in sources(pairs)
 
 
 def sources(pairs: list[dict]) -> Counter:
@@ -148,6 +170,7 @@ def test_augment_samples_the_budget_from_three_teacher_answers_a_question(tmp_pa
         data = inputs(local_teacher(server, tmp_path), train=pool(30))
         pairs, card = build_training_data(data, variant("augment"), budget=40, seed=0)
         assert len(pairs) == 40 and card["origins"] == {"rewrite": 40}
+        assert {p["lineage"]["rule"] for p in pairs} == {"augment"}
         # Only the questions drawn are rewritten, each 3 times; none brings more than its 3 answers.
         assert set(asked.values()) == {3} and len(asked) == len(sources(pairs)) and max(sources(pairs).values()) <= 3
         everything, card = build_training_data(data, variant("augment"), budget=500, seed=0)
@@ -167,6 +190,7 @@ def test_hard_is_levels_4_and_5_with_three_answers_each(tmp_path):
     assert card["origins"] == {"reference": 12, "rewrite": 22} and card["details"]["rejected_rewrites"]["wrong_answer"] == 2
     sampled, _ = build_training_data(inputs(train=pool(30)), variant("hard", answers="reference"), budget=5, seed=0)
     assert len(sampled) == 5 and set(sources(sampled)) <= hard
+    assert {p["lineage"]["rule"] for p in sampled} == {"hard"}
 
 
 def test_budget_shortfall_is_reported(caplog):
@@ -182,7 +206,7 @@ RANKS = [list(range(40)), [4] + list(range(10, 40)) + [0, 1, 2, 3] + list(range(
 
 
 def similarity(rank: int) -> float:
-    return 1 - rank / 100
+    return 1 - rank / 300  # more than four places: the lineage rounds it to four
 
 
 @pytest.fixture
@@ -218,7 +242,11 @@ def test_embed_sel_takes_the_five_nearest_with_three_answers_each(ranked, tmp_pa
     expected = {f"t{i}": ("v0", i + 1) for i in range(5)} | {f"t{i}": ("v1", i - 8) for i in range(10, 14)}
     for p in pairs:
         difficult, rank = expected[p["source"]]
-        assert p["lineage"] == select.lineage("embed_sel", difficult=[difficult], rank=rank, similarity=similarity(rank))
+        assert p["lineage"] == select.lineage("embed_sel", difficult=[difficult], rank=rank,
+                                              similarity=round(similarity(rank), 4))
+        assert p["skills"] == [SKILLS[int(p["source"][1:]) % 3]]
+    assert card["details"] == {"difficult_questions": 2, "questions": 9, "passes": 1,
+                               "rejected_rewrites": {"unparsed": 0, "wrong_answer": 0}}
 
 
 def test_embed_sel_later_passes_take_the_next_nearest_never_the_same_pairs(ranked):
@@ -226,7 +254,7 @@ def test_embed_sel_later_passes_take_the_next_nearest_never_the_same_pairs(ranke
     drawn = sources(pairs)
     assert set(drawn.values()) == {1}  # no pair twice
     assert FIRST_PASS <= set(drawn) and len(set(drawn) & SECOND_PASS) == 3  # the nearer pass whole, then 3 more
-    assert card["details"]["passes"] == 2
+    assert card["details"]["passes"] == 2 and card["details"]["questions"] == 19  # 9, then the 10 of pass 2
     # The 3 are sampled from the second pass, not its first 3 in order.
     thirds = {frozenset(set(sources(build_training_data(two_difficult(), variant("embed_sel", answers="reference"),
                                                         budget=12, seed=seed)[0])) & SECOND_PASS) for seed in range(5)}
@@ -239,17 +267,26 @@ def test_embed_sel_stops_when_the_neighbours_run_out(ranked, caplog):
     assert sources(pairs) == Counter({f"t{i}": 1 for i in range(40)})  # every training question once
     # Pass p takes v0's t(5p)..t(5p+4) and v1's next 5: v1 reaches t39 in pass 7 (t4, then t10..t13 + 5 x 6).
     assert card["details"]["passes"] == 7 and not card["budget_met"]
-    assert "embed_sel stops after 7 passes with 40 pairs: every difficult question's nearest training questions" \
-        in caplog.text
+    assert "embed_sel stops after 7 passes with 40 pairs: every difficult question's nearest training questions " \
+           "are taken (40)" in caplog.messages
+
+
+def test_embed_sel_keeps_to_max_passes_and_a_question_without_skills(ranked):
+    data = two_difficult()
+    del data.skill_map["t0"]
+    pairs, card = build_training_data(data, variant("embed_sel", answers="reference", max_passes=1), budget=12, seed=0)
+    assert sources(pairs) == Counter({q: 1 for q in FIRST_PASS}) and card["details"]["passes"] == 1
+    assert [p["skills"] for p in pairs if p["source"] == "t0"] == [[]]
 
 
 def test_embed_syn_writes_five_questions_from_different_groups_of_three_nearest(ranked, tmp_path):
-    groups = Counter()
+    groups, subjects = Counter(), []
 
     def respond(body: dict) -> str:
         prompt = body["messages"][-1]["content"]
         if "NEW problems" in prompt:
             assert "Write 1 NEW problems" in prompt
+            subjects.append("Algebra" in prompt)  # the difficult question's subject
             shown = tuple(sorted(int(n) for n in re.findall(r"Training problem (\d+)", prompt)))
             groups[shown] += 1
             return f"<question>New question from {shown}?</question>"
@@ -271,6 +308,8 @@ def test_embed_syn_writes_five_questions_from_different_groups_of_three_nearest(
         shown = tuple(sorted(int(t[1:]) for t in why["seed_ids"]))
         assert p["question"] == f"New question from {shown}?" and why["rule"] == "embed_syn" and why["agreeing"] == 3
         assert shown in (v0 if why["difficult_ids"] == ["v0"] else v1) and why["skill"] is None
+        assert p["skills"] == [] and p["source"] == "synthetic"
+    assert card["details"]["difficult_questions"] == 2 and len(subjects) == 10 and all(subjects)
 
 
 def test_embed_syn_needs_enough_groups(ranked):
@@ -284,12 +323,15 @@ def test_agreeing_solutions_keeps_exactly_the_largest_group_of_two_or_more():
         "\\boxed{\\frac12}", "\\boxed{0.5}", "\\boxed{1/2}"]
     assert agreeing_solutions(["\\boxed{1}", "\\boxed{2}", "\\boxed{3}"], 2) == []
     assert agreeing_solutions(["no answer", "\\boxed{1}"], 2) == []
+    assert agreeing_solutions(["no answer", "\\boxed{1}", "\\boxed{1.0}"], 2) == ["\\boxed{1}", "\\boxed{1.0}"]
+    assert agreeing_solutions([], 1) == agreeing_solutions(["no answer"], 1) == []
 
 
 def test_near_copies_include_renamed_numbers():
     example = "A train travels 60 miles in 2 hours. What is its speed?"
     assert is_near_copy("A train travels 90 miles in 3 hours. What is its speed?", [example], 0.8)
     assert not is_near_copy("How many ways can 5 books be arranged on a shelf?", [example], 0.8)
+    assert is_near_copy("Find 12 + 35 + 7.", ["Find 3 + 4 + 5."], 1.0)  # only numbers differ: a copy, at the threshold
 
 
 def scripted_synthesis():
@@ -338,12 +380,15 @@ def test_stat_syn_keeps_consistent_new_questions_and_counts_rejections(tmp_path)
 
 
 def test_stat_syn_asks_each_pass_for_a_new_sample(tmp_path):
-    """A later pass is a fresh draw from the teacher, even where its prompt repeats an earlier one."""
-    samples = []
+    """A later pass is a fresh draw from the teacher, even where its prompt repeats an earlier one; so
+    is each solution of a new question. The prompt names the skill and the subject."""
+    samples, prompts, solutions = [], [], []
 
     class Recording(Teacher):
         def ask(self, requests, parse, **kwargs):
             samples.extend(r.sample for r in requests if r.kind == "synthesis")
+            prompts.extend(r.messages[-1]["content"] for r in requests if r.kind == "synthesis")
+            solutions.extend((r.messages[-1]["content"], r.sample) for r in requests if r.kind == "solution")
             return super().ask(requests, parse, **kwargs)
 
     with TeacherServer(scripted_synthesis()) as server:
@@ -351,6 +396,32 @@ def test_stat_syn_asks_each_pass_for_a_new_sample(tmp_path):
         teacher = cache(lambda: Recording(cfg, tmp_path))
         build_training_data(inputs(teacher), variant("syn", new_questions=3, max_passes=2), budget=10_000, seed=0)
     assert samples == [0] * 10 + [1] * 10  # ten (difficult question, skill) pairs a pass
+    skills = [d["skills"][0] for d in diagnoses()] * 2
+    assert all(skill in prompt and "Algebra" in prompt for skill, prompt in zip(skills, prompts))
+    by_question = {}
+    for prompt, sample in solutions:
+        by_question.setdefault(prompt, []).append(sample)
+    assert by_question and all(sorted(drawn) == [0, 1, 2] for drawn in by_question.values())
+
+
+def test_stat_syn_keeps_count_questions_a_request_and_counts_unparsed_answers(tmp_path):
+    def respond(body: dict) -> str:
+        prompt = body["messages"][-1]["content"]
+        if "NEW problems" in prompt:
+            if "geometry_skill" in prompt:
+                return "I cannot write these."
+            tag = abs(hash(prompt)) % 10**8
+            return "".join(f"<question>Fresh question {tag}-{n} about it?</question>" for n in range(3))
+        return "Steps. \\boxed{4}"
+
+    with TeacherServer(respond) as server:
+        cfg = OmegaConf.structured(TeacherConfig(name="local", model="openai/scripted", api_base=server.url))
+        pairs, card = build_training_data(inputs(cache(lambda: Teacher(cfg, tmp_path))),
+                                          variant("syn", new_questions=2, max_passes=1), budget=10_000, seed=0)
+    # 3 geometry pairs fail to parse; the other 7 keep 2 of their 3 questions, each with 3 agreeing solutions.
+    assert card["details"] == {"unparsed_syntheses": 3, "near_copies": 0, "inconsistent": 0, "kept_questions": 14,
+                               "pairs_profiled": 10, "passes": 1}
+    assert len(pairs) == 42 and {p["source"] for p in pairs} == {"synthetic"}
 
 
 def test_embed_sel_draws_the_nearest_training_questions(tmp_path, tiny_model_dir):
