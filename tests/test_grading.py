@@ -278,6 +278,11 @@ def test_grade_adversarial_is_bounded_and_incorrect(workers):
     assert time.monotonic() - start < grading.wall_limit(1)
 
 
+def test_the_wall_limit_leaves_room_for_math_verifys_own_timeouts():
+    # Parsing the gold and the prediction, then comparing: four timeouts, and 5 s to spare.
+    assert grading.wall_limit(5.0) == 25.0 and grading.wall_limit(0.5) == 7.0
+
+
 def test_grade_tears_down_a_stuck_pool(monkeypatch, caplog):
     """An answer over the wall limit counts as incorrect and the pool is replaced.
 

@@ -68,6 +68,7 @@ def test_the_diagnosis_sees_the_reference_only_when_configured(tmp_path):
             (sent[sees_reference],) = [b["messages"][-1]["content"] for b in server.bodies]
         assert diagnosis["skills"] == ["factoring", "quadratics"]
     assert "Reference solution text" not in sent[False] and "17" not in sent[False]
+    assert all("answered a problem in Algebra from" in text for text in sent.values())
     assert "## Reference solution\nReference solution text\n\n## Reference final answer\n17" in sent[True]
 
 
