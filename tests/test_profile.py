@@ -70,6 +70,17 @@ def test_the_diagnosis_sees_the_reference_only_when_configured(tmp_path):
     assert "Reference solution text" not in sent[False] and "17" not in sent[False]
     assert all("answered a problem in Algebra from" in text for text in sent.values())
     assert "## Reference solution\nReference solution text\n\n## Reference final answer\n17" in sent[True]
+    assert diagnosis["subject"] == "Algebra" and diagnosis["response"] == 0
+
+
+def test_a_diagnosis_that_sees_the_reference_shows_only_the_answer_of_a_row_without_a_solution(tmp_path):
+    rows = [{"id": "q0", "problem": "Question 0", "subject": "Algebra", "answer": "17", "responses": ["Response 0a"]}]
+    with TeacherServer(lambda body: DIAGNOSES[0]) as server:
+        cfg = OmegaConf.structured(TeacherConfig(name="local", model="openai/scripted", api_base=server.url,
+                                                 diagnosis_sees_reference=True))
+        diagnose(Teacher(cfg, tmp_path), rows, [{"difficult": True, "response": 0}], CATALOGUE)
+        (sent,) = [b["messages"][-1]["content"] for b in server.bodies]
+    assert "## Reference solution" not in sent and "## Reference final answer\n17\n" in sent
 
 
 def test_records_and_verdicts_of_different_lengths_fail():
