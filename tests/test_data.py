@@ -276,6 +276,7 @@ def test_embed_sel_keeps_to_max_passes_and_a_question_without_skills(ranked):
     del data.skill_map["t0"]
     pairs, card = build_training_data(data, variant("embed_sel", answers="reference", max_passes=1), budget=12, seed=0)
     assert sources(pairs) == Counter({q: 1 for q in FIRST_PASS}) and card["details"]["passes"] == 1
+    assert "exhausted" not in card["details"]  # stopped by max_passes, not by the neighbours running out
     assert [p["skills"] for p in pairs if p["source"] == "t0"] == [[]]
 
 

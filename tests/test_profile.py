@@ -70,7 +70,7 @@ def test_the_diagnosis_sees_the_reference_only_when_configured(tmp_path):
     assert "Reference solution text" not in sent[False] and "17" not in sent[False]
     assert all("answered a problem in Algebra from" in text for text in sent.values())
     assert "## Reference solution\nReference solution text\n\n## Reference final answer\n17" in sent[True]
-    assert diagnosis["subject"] == "Algebra" and diagnosis["response"] == 0
+    assert diagnosis["subject"] == "Algebra" and diagnosis["response"] == 0 and diagnosis["reason"] == "sign error"
 
 
 def test_a_diagnosis_that_sees_the_reference_shows_only_the_answer_of_a_row_without_a_solution(tmp_path):
