@@ -425,6 +425,22 @@ def test_stat_syn_keeps_count_questions_a_request_and_counts_unparsed_answers(tm
     assert len(pairs) == 42 and {p["source"] for p in pairs} == {"synthetic"}
 
 
+def test_nearest_neighbours_passes_trust_remote_code_to_the_encoder(monkeypatch):
+    import sentence_transformers
+
+    class Loaded(Exception):
+        pass
+
+    def load(name, **kwargs):
+        raise Loaded(name, kwargs)
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", load)
+    for trust in (True, False):
+        with pytest.raises(Loaded) as loaded:
+            select.nearest_neighbours(["q"], ["c"], "org/encoder", 1, trust_remote_code=trust)
+        assert loaded.value.args == ("org/encoder", {"trust_remote_code": trust})
+
+
 def test_embed_sel_draws_the_nearest_training_questions(tmp_path, tiny_model_dir):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
@@ -440,5 +456,6 @@ def test_embed_sel_draws_the_nearest_training_questions(tmp_path, tiny_model_dir
     # Each one's nearest neighbour is its copy; a budget of 10 takes 8 more in later passes, none twice.
     pairs, card = build_training_data(data, cfg, budget=2, seed=0)
     assert {p["source"] for p in pairs} == {"t17", "t205"} and card["budget_met"]
+    assert [p["lineage"]["similarity"] for p in pairs] == [1.0, 1.0]  # cosine similarity of a copy
     pairs, card = build_training_data(data, cfg, budget=10, seed=0)
     assert {"t17", "t205"} <= set(sources(pairs)) and len(sources(pairs)) == 10 and card["budget_met"]
