@@ -398,7 +398,7 @@ def test_stat_syn_asks_each_pass_for_a_new_sample(tmp_path):
         build_training_data(inputs(teacher), variant("syn", new_questions=3, max_passes=2), budget=10_000, seed=0)
     assert samples == [0] * 10 + [1] * 10  # ten (difficult question, skill) pairs a pass
     skills = [d["skills"][0] for d in diagnoses()] * 2
-    assert all(skill in prompt and "Algebra" in prompt for skill, prompt in zip(skills, prompts))
+    assert all(f"`{skill}`, in Algebra" in prompt for skill, prompt in zip(skills, prompts))
     by_question = {}
     for prompt, sample in solutions:
         by_question.setdefault(prompt, []).append(sample)
