@@ -313,6 +313,32 @@ def test_embed_syn_writes_five_questions_from_different_groups_of_three_nearest(
     assert card["details"]["difficult_questions"] == 2 and len(subjects) == 10 and all(subjects)
 
 
+def test_embed_syn_asks_each_pass_for_a_new_sample_from_every_group(ranked, tmp_path):
+    """All ten groups of 3 of the 5 nearest may be used; a question without a subject is mathematics."""
+    samples, subjects = [], []
+
+    class Recording(Teacher):
+        def ask(self, requests, parse, **kwargs):
+            for r in requests:
+                if r.kind == "synthesis":
+                    samples.append(r.sample)
+                    subjects.append(r.messages[-1]["content"].split("## Subject\n")[1].split("\n")[0])
+            return super().ask(requests, parse, **kwargs)
+
+    def respond(body: dict) -> str:
+        if "NEW problems" in body["messages"][-1]["content"]:
+            return f"<question>New question {abs(hash(str(body))) % 10**8}?</question>"
+        return "Solved. \\boxed{7}"
+
+    with TeacherServer(respond) as server:
+        cfg = OmegaConf.structured(TeacherConfig(name="local", model="openai/scripted", api_base=server.url))
+        data = two_difficult(cache(lambda: Recording(cfg, tmp_path)))
+        del data.difficult[1]["subject"]
+        build_training_data(data, variant("embed_syn", groups_per_question=10, max_passes=2), budget=10_000, seed=0)
+    assert samples == [0] * 20 + [1] * 20  # 2 difficult questions x 10 groups, a pass
+    assert subjects == (["Algebra"] * 10 + ["mathematics"] * 10) * 2
+
+
 def test_embed_syn_needs_enough_groups(ranked):
     with pytest.raises(ValueError, match=r"groups_per_question \(11\) needs .* examples_per_pair \(3\)"):
         build_training_data(two_difficult(), variant("embed_syn", groups_per_question=11), budget=10, seed=0)
