@@ -1,6 +1,7 @@
 """The data stage: STAT-Sel's proportions, STAT-Syn's filters, the budget, and the baselines."""
 
 import logging
+import random
 import re
 from collections import Counter
 from functools import cache
@@ -485,3 +486,11 @@ def test_embed_sel_draws_the_nearest_training_questions(tmp_path, tiny_model_dir
     assert [p["lineage"]["similarity"] for p in pairs] == [1.0, 1.0]  # cosine similarity of a copy
     pairs, card = build_training_data(data, cfg, budget=10, seed=0)
     assert {"t17", "t205"} <= set(sources(pairs)) and len(sources(pairs)) == 10 and card["budget_met"]
+
+
+def test_fill_stops_at_the_first_pass_that_draws_nothing():
+    passes = [["a", "b"], [], ["c"]]
+    pairs, used = select.fill(lambda i: passes[i], budget=10, max_passes=5, rng=random.Random(0))
+    assert sorted(pairs) == ["a", "b"] and used == 2  # the empty second pass ends it; "c" is never drawn
+    pairs, used = select.fill(lambda i: passes[0], budget=3, max_passes=5, rng=random.Random(0))
+    assert len(pairs) == 3 and set(pairs) == {"a", "b"} and used == 2  # cut to the budget
