@@ -17,8 +17,8 @@ from helpers import ROOT
 from stat_exp.config import TeacherConfig
 from stat_exp.pipeline import _teacher_identity
 from stat_exp.skills import label_questions
-from stat_exp.teacher.client import (BudgetExceeded, Request, Teacher, TeacherFailed, TeacherFatalError, _cache_key,
-                                     _retry_after)
+from stat_exp.teacher.client import (BudgetExceeded, Request, Teacher, TeacherFailed, TeacherFatalError, Usage,
+                                     _cache_key, _retry_after)
 from teacher_server import Faults, TeacherServer
 
 CATALOGUE = {"Algebra": ["linear_equations", "factoring", "quadratics"], "Geometry": ["triangles", "circles"]}
@@ -421,3 +421,28 @@ def test_an_openai_base_url_from_the_environment_is_followed_on_both_paths(tmp_p
         cfg = OmegaConf.structured(TeacherConfig(name="x", model="openai/test-teacher", direct_openai=direct))
         records = label_questions(Teacher(cfg, tmp_path), questions(2), CATALOGUE, max_skills=5)
     assert server.requests == 2 and [r["skills"] for r in records] == [["triangles"], ["linear_equations", "factoring"]]
+
+
+def test_usage_since_is_what_came_after_field_by_field():
+    from dataclasses import fields
+
+    names = [f.name for f in fields(Usage) if f.name != "errors"]
+    before = Usage(**{name: i + 1 for i, name in enumerate(names)}, errors={"RateLimitError": 2, "Timeout": 1})
+    after = Usage(**{name: 10 * (i + 1) for i, name in enumerate(names)},
+                  errors={"RateLimitError": 5, "Timeout": 1, "APIConnectionError": 1})
+    assert after.since(before) == Usage(**{name: 9 * (i + 1) for i, name in enumerate(names)},
+                                        errors={"RateLimitError": 3, "APIConnectionError": 1})  # Timeout: none new
+
+
+def test_a_usage_snapshot_does_not_follow_later_counts():
+    usage = Usage(calls=2, cost_usd=0.5, errors={"Timeout": 1})
+    snapshot = usage.snapshot()
+    assert snapshot == usage
+    usage.calls += 1
+    usage.errors["Timeout"] += 1
+    assert snapshot == Usage(calls=2, cost_usd=0.5, errors={"Timeout": 1})
+
+
+def test_usage_as_dict_rounds_dollars_to_the_micro_dollar_and_keeps_the_rest():
+    usage = Usage(calls=3, prompt_tokens=1234, cost_usd=0.12345678, cache_savings_usd=0.98765432, errors={"Timeout": 1})
+    assert usage.as_dict() == {**vars(usage), "cost_usd": 0.123457, "cache_savings_usd": 0.987654}
