@@ -18,7 +18,7 @@ from stat_exp.config import TeacherConfig
 from stat_exp.pipeline import _teacher_identity
 from stat_exp.skills import label_questions
 from stat_exp.teacher.client import (BudgetExceeded, Request, Teacher, TeacherFailed, TeacherFatalError, Usage,
-                                     _cache_key, _retry_after)
+                                     _cache_key, _key_variable, _retry_after, _short)
 from teacher_server import Faults, TeacherServer
 
 CATALOGUE = {"Algebra": ["linear_equations", "factoring", "quadratics"], "Geometry": ["triangles", "circles"]}
@@ -446,3 +446,45 @@ def test_a_usage_snapshot_does_not_follow_later_counts():
 def test_usage_as_dict_rounds_dollars_to_the_micro_dollar_and_keeps_the_rest():
     usage = Usage(calls=3, prompt_tokens=1234, cost_usd=0.12345678, cache_savings_usd=0.98765432, errors={"Timeout": 1})
     assert usage.as_dict() == {**vars(usage), "cost_usd": 0.123457, "cache_savings_usd": 0.987654}
+
+
+def test_the_failure_report_gives_counts_kinds_and_how_to_resume(tmp_path):
+    teacher = Teacher(OmegaConf.structured(TeacherConfig(name="x", model="openai/gpt-4o-mini", max_failed=1)), tmp_path)
+    teacher.error_examples = {"RateLimitError": "RateLimitError: slow down"}  # Timeout: no example, its kind shown
+    assert teacher.failure_report(3, 10, {"Timeout": 1, "RateLimitError": 2}, "labelling") == (
+        "3 of 10 teacher requests (labelling) failed after every retry: 2 x RateLimitError: slow down; 1 x Timeout. "
+        "The 7 answered are cached, so a rerun asks only for the failed ones; nothing was stored for this stage "
+        "(teacher.max_failed=1 accepts that many)")
+
+
+@pytest.mark.parametrize("key, text, scrubbed", [
+    ("sk-secret-123", "invalid key sk-secret-123 (sk-secret-123)", "invalid key *** (***)"),
+    ("abcd", "abcd: 4 characters, too short to tell from words", "abcd: 4 characters, too short to tell from words"),
+])
+def test_a_key_a_provider_echoes_is_scrubbed(tmp_path, monkeypatch, key, text, scrubbed):
+    monkeypatch.setenv("STAT_TEST_KEY", key)
+    cfg = OmegaConf.structured(TeacherConfig(name="x", model="openai/gpt-4o-mini", api_key_env="STAT_TEST_KEY"))
+    assert Teacher(cfg, tmp_path)._scrub(text) == scrubbed
+    keyless = OmegaConf.structured(TeacherConfig(name="x", model="openai/gpt-4o-mini"))
+    assert Teacher(keyless, tmp_path / "keyless")._scrub(text) == text
+
+
+@pytest.mark.parametrize("model, variable", [
+    ("anthropic/claude-sonnet-4-5", "ANTHROPIC_API_KEY"),
+    ("openai/gpt-4o-mini", "OPENAI_API_KEY"),
+    ("mistral/mistral-large-latest", "MISTRAL_API_KEY"),
+])
+def test_the_key_variable_is_the_one_litellm_reads(monkeypatch, model, variable):
+    import litellm
+
+    for name in ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "MISTRAL_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert _key_variable(litellm, model) == variable  # missing: litellm names it
+    monkeypatch.setenv(variable, "set")
+    assert _key_variable(litellm, model) == variable  # set (and rejected): named from the provider
+
+
+def test_an_error_is_shown_by_its_first_line_cut_to_200_characters():
+    assert _short(ValueError("first line\nsecond line")) == "first line"
+    assert _short(ValueError("x" * 250)) == "x" * 200
+    assert _short(ValueError()) == "ValueError"
