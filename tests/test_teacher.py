@@ -484,6 +484,14 @@ def test_the_key_variable_is_the_one_litellm_reads(monkeypatch, model, variable)
     assert _key_variable(litellm, model) == variable  # set (and rejected): named from the provider
 
 
+def test_a_provider_whose_key_is_not_named_for_it_gets_litellms_name(monkeypatch):
+    import litellm
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    assert _key_variable(litellm, "bedrock/anthropic.claude-3-sonnet-20240229-v1:0") == "AWS_ACCESS_KEY_ID"
+
+
 def test_an_error_is_shown_by_its_first_line_cut_to_200_characters():
     assert _short(ValueError("first line\nsecond line")) == "first line"
     assert _short(ValueError("x" * 250)) == "x" * 200
