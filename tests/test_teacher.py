@@ -180,7 +180,9 @@ def test_a_rejected_key_is_sent_once_and_stops_the_run_naming_the_variable(tmp_p
     with TeacherServer(labeller, Faults(error="key")) as server:
         cfg = teacher_config(server, direct_openai=direct, concurrency=1, max_retries=5, api_key_env="STAT_TEST_KEY")
         teacher = Teacher(cfg, tmp_path)
-        with pytest.raises(TeacherFatalError, match=r"^STAT_TEST_KEY was rejected \(401\).*teacher=oracle") as caught:
+        with pytest.raises(TeacherFatalError, match=rf"^STAT_TEST_KEY was rejected \(401\) by the server at "
+                           rf"teacher.api_base={re.escape(server.url)}: export a valid key, or choose "
+                           r"teacher=local or teacher=oracle$") as caught:
             label_questions(teacher, questions(20), CATALOGUE, max_skills=5)
         assert server.requests == 1 and teacher.usage.retries == 0
         assert "sk-secret" not in str(caught.value)
@@ -195,25 +197,71 @@ def test_a_fatal_error_cancels_the_requests_in_flight_and_sends_no_more(tmp_path
         assert server.requests <= 4
 
 
+# Each message whole, word for word ({where}: the server named; {error}: the server's own words).
 @pytest.mark.parametrize("error, message", [
-    ("permission", r"denied access to openai/test-teacher \(403\)"),
-    ("model", r"does not know the model 'openai/test-teacher' \(404\): check teacher.model"),
-    ("bad_request", r"rejected a skill_labelling request .* as invalid \(400"),
-    ("context", r"a skill_labelling prompt is longer than openai/test-teacher's context window"),
-])
+    ("permission", "{where} denied access to openai/test-teacher (403): check that the key's account may use it, "
+                   "or choose another model (teacher.model, teacher.models.skill_labelling)"),
+    ("model", "{where} does not know the model 'openai/test-teacher' (404): check teacher.model or "
+              "teacher.models.skill_labelling and teacher.api_base (litellm names look like openai/gpt-4o-mini)"),
+    ("bad_request", "{where} rejected a skill_labelling request to openai/test-teacher as invalid (400: {error}): "
+                    "check teacher.sampling.skill_labelling and the model name"),
+    ("context", "a skill_labelling prompt is longer than openai/test-teacher's context window: choose a model "
+                "with a longer context for it (teacher.models.skill_labelling) or shorten the prompt"),
+    ("key", "{where} asks for an API key (401): set teacher.api_key_env to the variable that holds it"),
+], ids=["permission", "model", "bad_request", "context", "key"])
 def test_errors_no_retry_fixes_stop_at_once(tmp_path, error, message, direct):
     with TeacherServer(labeller, Faults(error=error)) as server:
         teacher = Teacher(teacher_config(server, direct_openai=direct, concurrency=1), tmp_path)
-        with pytest.raises(TeacherFatalError, match=message):
+        with pytest.raises(TeacherFatalError) as caught:
             label_questions(teacher, questions(5), CATALOGUE, max_skills=5)
+        expected = message.format(where=f"the server at teacher.api_base={server.url}", error="ERROR")
+        assert re.fullmatch(re.escape(expected).replace("ERROR", ".+"), str(caught.value))
         assert server.requests == 1
+
+
+def provider_error(cls, status: int):
+    import httpx
+
+    response = httpx.Response(status, request=httpx.Request("POST", "https://api.openai.com/v1/chat/completions"))
+    return cls("refused", response=response, body=None)
+
+
+def test_errors_from_a_provider_without_api_base_name_the_provider_and_its_key(tmp_path, monkeypatch):
+    import openai
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    import litellm
+
+    teacher = Teacher(OmegaConf.structured(TeacherConfig(name="x", model="openai/gpt-4o-mini")), tmp_path)
+    teacher._litellm = litellm  # set by ask(), which this test does not call
+    model = "openai/gpt-4o-mini"
+    assert teacher._unfixable(provider_error(openai.AuthenticationError, 401), model, "synthesis") == (
+        "OPENAI_API_KEY was rejected (401) by the provider: export a valid key, or choose teacher=local or "
+        "teacher=oracle")
+    assert teacher._unfixable(provider_error(openai.PermissionDeniedError, 403), model, "synthesis") == (
+        "the provider denied access to openai/gpt-4o-mini (403): check that the key's account may use it, or "
+        "choose another model (teacher.model, teacher.models.synthesis)")
+    assert teacher._unfixable(provider_error(openai.NotFoundError, 404), model, "synthesis") == (
+        "the provider does not know the model 'openai/gpt-4o-mini' (404): check teacher.model or "
+        "teacher.models.synthesis (litellm names look like openai/gpt-4o-mini)")
+    # A server error, or a refused connection once the provider has answered, is retried.
+    assert teacher._unfixable(provider_error(openai.InternalServerError, 500), model, "synthesis") is None
+    teacher._answered = True
+    refused = openai.APIConnectionError(request=provider_error(openai.NotFoundError, 404).request)
+    refused.__cause__ = ConnectionRefusedError()
+    assert teacher._unfixable(refused, model, "synthesis") is None
+    teacher._answered = False
+    assert teacher._unfixable(refused, model, "synthesis") == (
+        "cannot reach openai/gpt-4o-mini (connection refused or unknown host): start the server there, or fix "
+        "teacher.api_base")
 
 
 def test_a_missing_openai_key_stops_before_any_request(tmp_path, monkeypatch, direct):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     teacher = Teacher(OmegaConf.structured(TeacherConfig(
         direct_openai=direct, name="x", model="openai/gpt-4o-mini")), tmp_path)
-    with pytest.raises(TeacherFatalError, match=r"^OPENAI_API_KEY is not set: export it, or choose teacher=local"):
+    with pytest.raises(TeacherFatalError, match=r"^OPENAI_API_KEY is not set: export it, or choose teacher=local "
+                                                r"or teacher=oracle$"):
         label_questions(teacher, questions(3), CATALOGUE, max_skills=5)
     assert teacher.usage.retries == 0 and teacher.usage.calls == 0
 
@@ -229,7 +277,8 @@ def test_an_unreachable_api_base_stops_at_once(tmp_path, direct):
     cfg = OmegaConf.structured(TeacherConfig(
         direct_openai=direct, name="local", model="openai/x", api_base=url, backoff_initial=0.01))
     teacher = Teacher(cfg, tmp_path)
-    with pytest.raises(TeacherFatalError, match=f"cannot reach {url} .*fix teacher.api_base"):
+    with pytest.raises(TeacherFatalError, match=rf"^cannot reach {re.escape(url)} \(connection refused or unknown "
+                                                r"host\): start the server there, or fix teacher.api_base$"):
         label_questions(teacher, questions(3), CATALOGUE, max_skills=5)
     assert teacher.usage.retries == 0
 
