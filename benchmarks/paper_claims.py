@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAT = ("sel", "syn")  # the two STAT variants every claim is read on
 PLAIN = "train"  # plain SFT: uniform draws from the pool at STAT's budget
 GRPO_ALONE = "none"  # the variant of the GRPO preset that skips SFT
-BUDGET_SCALES = (0.25, 0.5, 1, 2, 4)  # the saturation grid, in multiples of the demo's budget (3,200 pairs)
+BUDGET_SCALES = (0.25, 1, 4)  # the saturation grid, in multiples of the demo's budget (3,200 pairs)
 # The paper's figures each claim is set beside (PAPER.md, Headline results; Llama-3.2-3B-Instruct on MATH).
 PAPER = {
     "saturation": "plain SFT 44.8 vs STAT-Sel 51.5 / STAT-Syn 50.2 on MATH (base 44.0): STAT up to +7.5",

@@ -17,7 +17,7 @@ def test_claim_presets_compose() -> None:
     claims = compose_config("experiment=claims")
     assert claims.task.name == "skillworld" and list(claims.eval.benchmarks) == ["test", "ood_test"]
     assert claims.eval.max_tokens == claims.difficulty.max_tokens == 96 and claims.data.budget == 3200
-    assert claims.rl is None and claims.stat.rounds == 1
+    assert claims.rl is None and claims.stat.rounds == 1 and claims.sft.epochs == 1
     grpo = compose_config("experiment=claims_grpo", "data.seed=5")
     assert grpo.rl.name == "grpo" and grpo.rl.max_steps == 40 and grpo.rl.rewards == ["correctness"]
     assert grpo.rl.seed == 5 and grpo.sft.seed == 5 and list(grpo.eval.benchmarks) == ["test", "ood_test"]
@@ -38,9 +38,9 @@ def test_plan_runs_each_claims_grid() -> None:
     jobs, demo = plan(False, ["data.budget=16"])
     assert demo == 16
     names = [job.name for job in jobs]
-    assert names[:15] == [f"{v}@{b}" for v in ("sel", "syn", "train") for b in (4, 8, 16, 32, 64)]
-    assert names[15:] == ["grpo", "train+grpo", "sel+grpo", "syn+grpo", "sel round 2", "syn round 2"]
-    assert jobs[0].overrides == ("variant=sel", "data.budget=4") and jobs[15].preset == "claims_grpo"
+    assert names[:9] == [f"{v}@{b}" for v in ("sel", "syn", "train") for b in (4, 16, 64)]
+    assert names[9:] == ["grpo", "train+grpo", "sel+grpo", "syn+grpo", "sel round 2", "syn round 2"]
+    assert jobs[0].overrides == ("variant=sel", "data.budget=4") and jobs[9].preset == "claims_grpo"
     quick, _ = plan(True, [])
     assert [job.name for job in quick][:6] == ["sel@3200", "sel@12800", "syn@3200", "syn@12800", "train@3200",
                                                "train@12800"]
