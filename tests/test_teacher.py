@@ -309,6 +309,10 @@ def test_rate_limits_wait_as_long_as_retry_after_says(tmp_path, retry_after, dir
 @pytest.mark.parametrize("headers, seconds", [
     ({"retry-after-ms": "250", "retry-after": "1"}, 0.25),
     ({"retry-after": "3"}, 3.0),
+    ({"retry-after": "0.5"}, 0.5),
+    ({"retry-after": "-5"}, 0.0),
+    ({"retry-after-ms": "-250"}, 0.0),
+    ({"retry-after-ms": "later", "retry-after": "2"}, 2.0),  # an unreadable retry-after-ms: Retry-After
     ({"retry-after": formatdate(time.time() - 60, usegmt=True)}, 0.0),  # already past: go now
     ({"retry-after": "soon"}, None),  # unreadable: back off as usual
     ({}, None),
@@ -500,8 +504,9 @@ def test_usage_as_dict_rounds_dollars_to_the_micro_dollar_and_keeps_the_rest():
 def test_the_failure_report_gives_counts_kinds_and_how_to_resume(tmp_path):
     teacher = Teacher(OmegaConf.structured(TeacherConfig(name="x", model="openai/gpt-4o-mini", max_failed=1)), tmp_path)
     teacher.error_examples = {"RateLimitError": "RateLimitError: slow down"}  # Timeout: no example, its kind shown
-    assert teacher.failure_report(3, 10, {"Timeout": 1, "RateLimitError": 2}, "labelling") == (
-        "3 of 10 teacher requests (labelling) failed after every retry: 2 x RateLimitError: slow down; 1 x Timeout. "
+    # Most frequent first, which is neither the kinds' given order nor their alphabetical one.
+    assert teacher.failure_report(3, 10, {"RateLimitError": 1, "Timeout": 2}, "labelling") == (
+        "3 of 10 teacher requests (labelling) failed after every retry: 2 x Timeout; 1 x RateLimitError: slow down. "
         "The 7 answered are cached, so a rerun asks only for the failed ones; nothing was stored for this stage "
         "(teacher.max_failed=1 accepts that many)")
 
@@ -509,6 +514,7 @@ def test_the_failure_report_gives_counts_kinds_and_how_to_resume(tmp_path):
 @pytest.mark.parametrize("key, text, scrubbed", [
     ("sk-secret-123", "invalid key sk-secret-123 (sk-secret-123)", "invalid key *** (***)"),
     ("abcd", "abcd: 4 characters, too short to tell from words", "abcd: 4 characters, too short to tell from words"),
+    ("abcde", "abcde: 5 characters, scrubbed", "***: 5 characters, scrubbed"),
 ])
 def test_a_key_a_provider_echoes_is_scrubbed(tmp_path, monkeypatch, key, text, scrubbed):
     monkeypatch.setenv("STAT_TEST_KEY", key)
