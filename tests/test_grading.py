@@ -283,6 +283,29 @@ def test_the_wall_limit_leaves_room_for_math_verifys_own_timeouts():
     assert grading.wall_limit(5.0) == 25.0 and grading.wall_limit(0.5) == 7.0
 
 
+class Interrupted(Exception):
+    pass
+
+
+class FailingBar:
+    """A progress bar that fails at its first update, as a Ctrl-C or an error in the caller would."""
+
+    def update(self, n: int = 1) -> None:
+        self.failed_at = time.monotonic()
+        raise Interrupted
+
+
+def test_an_error_while_grading_kills_the_workers_at_once():
+    """The pool's workers are killed, not left to finish their answers (three adversarial ones of
+    about 3 s each here): a caller that fails or is interrupted gets control back at once."""
+    bar = FailingBar()
+    grader = grading._PoolGrader(["5"] * 4, ["5", ADVERSARIAL, ADVERSARIAL, ADVERSARIAL], 2, 3, bar)
+    with pytest.raises(Interrupted):
+        grader.run()
+    assert time.monotonic() - bar.failed_at < 2
+    assert multiprocessing.active_children() == []
+
+
 def test_grade_tears_down_a_stuck_pool(monkeypatch, caplog):
     """An answer over the wall limit counts as incorrect and the pool is replaced.
 
