@@ -291,6 +291,7 @@ class SFTConfig:
     load_in_4bit: bool = True  # NF4 through bitsandbytes (GPU or CPU), computing in bf16 when bf16 is set
     optim: str = "paged_adamw_8bit"
     bf16: bool = True
+    activation_checkpointing: bool = True  # TRL's default: memory for time; the weights trained are the same
     logging_steps: int = 10
     seed: int = 0
     num_processes: Optional[int] = None  # set: train in N data-parallel ranks per node (stat_exp.student.launch)
@@ -317,6 +318,7 @@ class RLConfig:
     reward_weights: Optional[List[float]] = None
     max_steps: int = -1
     bf16: bool = True
+    activation_checkpointing: bool = True  # TRL's default: memory for time; the weights trained are the same
     logging_steps: int = 10
     seed: int = 0
     save_steps: int = 50  # checkpoint every N optimizer steps into the stage's unfinished folder (a rerun resumes)

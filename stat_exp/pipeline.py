@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 DIAGNOSED_VARIANTS = ("sel", "syn")  # built from the Missing-Skill-Profile
 PROBED_VARIANTS = ("sel", "syn", "embed_sel", "embed_syn")  # built from the difficult questions
 # Training settings that change how a stage runs, not what it makes: kept out of its key.
-_NOT_IN_RESULT = ("save_steps", "save_total_limit", "save_merged")
+# Activation checkpointing recomputes the same activations (RNG state included): measured bit-identical.
+_NOT_IN_RESULT = ("save_steps", "save_total_limit", "save_merged", "activation_checkpointing")
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ def diagnose(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Callable,
     """Probe the student, classify its difficult answers, and profile their missing skills."""
     if cfg.difficulty is None:
         return None
-    probes = probe(cfg, store, student, val)
+    probes = probe(cfg, store, student, val, math_d=label == "base")
     verdicts = difficulty(cfg, store, tracker, probes, label=label)
     missing = None
     if catalogue is not None:
@@ -265,11 +266,13 @@ def diagnose(cfg: DictConfig, store: Store, tracker: Tracker, teacher: Callable,
     return Diagnosis(probes, verdicts, missing)
 
 
-def probe(cfg: DictConfig, store: Store, student: Student, val: list[dict]) -> dict[str, Artifact]:
-    """STAT step 3: the student answers the validation questions (and the MATH-D source benchmark)."""
+def probe(cfg: DictConfig, store: Store, student: Student, val: list[dict], *, math_d: bool) -> dict[str, Artifact]:
+    """STAT step 3: the student answers the validation questions and, with `math_d`, the benchmark
+    whose difficult questions form MATH-D. Only the base student's MATH-D is used: a trained
+    student is evaluated on that benchmark instead (step 9)."""
     d = cfg.difficulty
     splits = {"val": val}
-    if d.test_benchmark:
+    if math_d and d.test_benchmark:
         splits["test"] = load_benchmark(cfg.task, d.test_benchmark)
     artifacts = {}
     for split, rows in splits.items():

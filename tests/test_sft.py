@@ -71,6 +71,16 @@ def test_merged_model_loads_and_generates(lora_run: tuple[Path, dict]) -> None:
     assert output.shape[1] > inputs["input_ids"].shape[1]
 
 
+def test_activation_checkpointing_changes_the_time_not_the_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Why the sft and rl stage keys leave it out: LoRA dropout included, the recomputed forward is the same.
+    runs = {on: train_sft(str(tiny_model_dir), ROWS, small(activation_checkpointing=on), tmp_path / str(on),
+                          model_cfg=MODEL) for on in (True, False)}
+    assert [runs[on]["settings"]["activation_checkpointing"] for on in (True, False)] == [True, False]
+    assert runs[True]["losses"] == runs[False]["losses"]
+    with_it, without = (weights(tmp_path / str(on) / "adapter" / "adapter_model.safetensors") for on in (True, False))
+    assert set(with_it) == set(without) and all(with_it[name].equal(without[name]) for name in with_it)
+
+
 def test_full_fine_tuning_changes_every_layer(tiny_model_dir: Path, tmp_path: Path) -> None:
     summary = train_sft(str(tiny_model_dir), ROWS, small(lora=False, learning_rate=1e-3), tmp_path, model_cfg=MODEL)
     assert summary["steps"] == 3 and not (tmp_path / "adapter").exists()

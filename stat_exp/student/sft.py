@@ -115,7 +115,7 @@ def train_sft(
             "use_cpu": False,
             "bf16": cfg.bf16,
             "load_in_4bit": cfg.load_in_4bit,
-            "activation_checkpointing": True,  # TRL's default
+            "activation_checkpointing": cfg.activation_checkpointing,
             "dtype": model_cfg.dtype,
             "optim": cfg.optim,
         }
