@@ -182,6 +182,26 @@ def test_the_teacher_client_uses_the_oracle(rows: list[dict], tmp_path: Path, ca
     assert not [r for r in caplog.records if r.name.startswith("LiteLLM") and r.levelno < logging.WARNING]
 
 
+def test_the_client_calls_the_oracle_directly_with_litellms_answer_and_usage(rows: list[dict], tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    import litellm
+
+    messages = render("rewrite", problem=rows[0]["problem"], solution=rows[0]["solution"])
+    through_litellm = litellm.completion(model=MODEL, messages=messages, metadata={"kind": "rewrite", "sample": 2})
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the client called litellm for the oracle")
+
+    monkeypatch.setattr(litellm, "acompletion", refuse)
+    teacher = Teacher(TeacherConfig(name="oracle", model=MODEL), tmp_path)
+    (reply,) = teacher.ask([Request("rewrite", tuple(messages), sample=2)], parsers.parse_solution)
+    assert reply.raw == through_litellm.choices[0].message.content and reply.parsed is not None
+    usage = through_litellm.usage
+    assert (teacher.usage.prompt_tokens, teacher.usage.completion_tokens) == (usage.prompt_tokens,
+                                                                               usage.completion_tokens)
+    assert teacher.usage.unpriced_calls == 1 and teacher.usage.cost_usd == 0.0
+
+
 def test_the_teacher_client_reaches_the_oracle(tmp_path):
     from omegaconf import OmegaConf
 

@@ -299,7 +299,10 @@ class Teacher:
         for retry in range(self.cfg.max_retries + 1):
             await self._wait_for_rate_limit()
             try:
-                if model in self._direct:
+                if oracle.serves(model):  # sampling settings do not change the oracle's answers
+                    response = oracle.complete(model, list(request.messages), kind=request.kind, sample=request.sample)
+                    cost = None  # free, and absent from litellm's price table: counted as unpriced, as litellm does
+                elif model in self._direct:
                     response = await self._sdk_complete(model, request, params)
                     cost = self._sdk_cost(model, response.usage)
                 else:
@@ -312,10 +315,6 @@ class Teacher:
                         num_retries=0,  # retries are ours, counted and backed off here
                         max_retries=0,
                         drop_params=True,  # providers that lack a sampling knob ignore it rather than fail
-                        # The oracle reads the prompt kind and sample index from here (litellm hands metadata
-                        # to custom providers, it is not sent to real ones; only the oracle gets it).
-                        **({"metadata": {"kind": request.kind, "sample": request.sample}}
-                           if oracle.serves(model) else {}),
                         **params,
                     )
                     # litellm prices every response at the model called, cache reads at the provider's
