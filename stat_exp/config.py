@@ -263,6 +263,7 @@ class DataConfig:
 class StatLoopConfig:
     rounds: int = 1  # probe -> profile -> data -> train, repeated on the improved student
     round_val: Optional[str] = None  # benchmark later rounds profile on (paper: MATH-perturb-hard); null = val again
+    profile_after: bool = True  # step 9: probe and profile the trained student again, beside the base's profile
 
 
 @dataclass

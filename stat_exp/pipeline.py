@@ -90,8 +90,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if stage != "base":  # step 9: evaluation and the profile after training
             evaluate_student(cfg, store, tracker, student, benchmarks, label=stage)
             _compare_skill_accuracy(tracker, stage)
-            after = diagnose(cfg, store, tracker, teacher, student, val, catalogue, label="after")
-            _compare_profiles(tracker, before, after)
+            if cfg.stat.profile_after:
+                after = diagnose(cfg, store, tracker, teacher, student, val, catalogue, label="after")
+                _compare_profiles(tracker, before, after)
         _summary_table(tracker)
     except (SystemExit, KeyboardInterrupt):
         # SLURM preempting or timing out the job (submitit exits it to requeue), or ^C: W&B is

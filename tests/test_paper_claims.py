@@ -17,7 +17,7 @@ def test_claim_presets_compose() -> None:
     claims = compose_config("experiment=claims")
     assert claims.task.name == "skillworld" and list(claims.eval.benchmarks) == ["test", "ood_test"]
     assert claims.eval.max_tokens == claims.difficulty.max_tokens == 96 and claims.data.budget == 3200
-    assert claims.rl is None and claims.stat.rounds == 1 and claims.sft.epochs == 1
+    assert claims.rl is None and claims.stat.rounds == 1 and claims.sft.epochs == 1 and not claims.stat.profile_after
     grpo = compose_config("experiment=claims_grpo", "data.seed=5")
     assert grpo.rl.name == "grpo" and grpo.rl.max_steps == 40 and grpo.rl.rewards == ["correctness"]
     assert grpo.rl.seed == 5 and grpo.sft.seed == 5 and list(grpo.eval.benchmarks) == ["test", "ood_test"]
@@ -138,6 +138,7 @@ def test_the_quick_benchmark_writes_the_four_claims(quick_run) -> None:
     # Each verdict is read off the runs' own metrics.
     sel = json.loads((out / "runs" / "world3" / "sel_16" / "metrics.json").read_text())
     assert figures["sel@16"]["test"]["per_world"] == [sel["eval"]["sft"]["test"]["pass@1"]]
+    assert set(sel["profile"]) == {"base"}  # stat.profile_after=false: the trained student is not profiled
     # The grid's budget wins over the demo budget given after --.
     assert sel["data"]["pairs"] == 16
     assert json.loads((out / "runs" / "world3" / "train_64" / "metrics.json").read_text())["data"]["pairs"] == 64
