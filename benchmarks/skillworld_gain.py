@@ -7,7 +7,8 @@ demo's base student cached, about 11 cold):
     .venv/bin/python -m benchmarks.skillworld_gain --seeds 0 1 2
 
 It runs `python -m stat_exp experiment=demo data.seed=...` (a multirun over variants x seeds),
-so any override of the demo can follow `--`, e.g. `-- data.budget=1600`.
+so any override of the demo can follow `--`, e.g. `-- data.budget=1600`; `--experiment claims`
+runs the paper-claims preset instead (one epoch), for the spread within the claims' world 0.
 """
 
 import argparse
@@ -23,8 +24,8 @@ from stat_exp.compare import load_runs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(seeds: list[int], sweep_dir: Path, overrides: list[str]) -> None:
-    command = [sys.executable, "-m", "stat_exp", "experiment=demo", "experiment_name=skillworld_gain",
+def run(experiment: str, seeds: list[int], sweep_dir: Path, overrides: list[str]) -> None:
+    command = [sys.executable, "-m", "stat_exp", f"experiment={experiment}", "experiment_name=skillworld_gain",
                f"data.seed={','.join(map(str, seeds))}", f"hydra.sweep.dir={sweep_dir}", *overrides]
     subprocess.run(command, cwd=ROOT, check=True)
 
@@ -73,13 +74,14 @@ def report(results: dict, base: dict, rare: list[str], profile: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", default="demo", help="the preset each job runs (demo, or claims)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sweep-dir", type=Path, default=ROOT / "outputs" / "benchmarks" / "skillworld_gain")
     parser.add_argument("--report-only", action="store_true", help="summarize a finished sweep without running")
-    parser.add_argument("overrides", nargs="*", help="demo overrides, after --")
+    parser.add_argument("overrides", nargs="*", help="overrides of the preset, after --")
     args = parser.parse_args()
     if not args.report_only:
-        run(args.seeds, args.sweep_dir, args.overrides)
+        run(args.experiment, args.seeds, args.sweep_dir, args.overrides)
     print(report(*collect(args.sweep_dir)))
 
 
