@@ -32,6 +32,11 @@ PROBED_VARIANTS = ("sel", "syn", "embed_sel", "embed_syn")  # built from the dif
 _NOT_IN_RESULT = ("save_steps", "save_total_limit", "save_merged", "activation_checkpointing")
 
 
+def _result_settings(training: DictConfig, *also: str) -> dict:
+    """The settings of `training` (sft or rl) that its stage key holds: all but `_NOT_IN_RESULT` and `also`."""
+    return {k: v for k, v in OmegaConf.to_container(training).items() if k not in (*_NOT_IN_RESULT, *also)}
+
+
 @dataclass(frozen=True)
 class Student:
     """A model the generation backends can load, and the key that identifies its weights."""
@@ -452,7 +457,7 @@ def finetune(cfg: DictConfig, store: Store, tracker: Tracker, student: Student, 
     artifact = store.stage(
         "sft",
         # N ranks multiply SFT's effective batch, so num_processes stays in the key.
-        config={"sft": {k: v for k, v in OmegaConf.to_container(cfg.sft).items() if k not in _NOT_IN_RESULT},
+        config={"sft": _result_settings(cfg.sft),
                 "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
         inputs={"model": student.key, "data": data.key},
         code=stage_code("sft"),
@@ -483,8 +488,7 @@ def reinforce(cfg: DictConfig, store: Store, tracker: Tracker, student: Student,
     artifact = store.stage(
         "rl",
         # GRPO divides its gradient accumulation by the ranks: their number does not change the model.
-        config={"rl": {k: v for k, v in OmegaConf.to_container(cfg.rl).items()
-                       if k not in (*_NOT_IN_RESULT, "num_processes")},
+        config={"rl": _result_settings(cfg.rl, "num_processes"),
                 "prompt": [cfg.model.instruction, cfg.model.system_prompt]},
         inputs={"model": student.key, "train": fingerprint(train)},
         code=stage_code("rl"),

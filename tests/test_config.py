@@ -249,3 +249,14 @@ def test_per_benchmark_sampling_for_an_unknown_benchmark_fails_before_any_stage(
     with pytest.raises(ValueError, match=r"eval.per_benchmark names \['amc32'\], not benchmarks of task math"):
         _check(compose_config("eval=paper", "++eval.per_benchmark={amc32:{samples:2}}"))
     _check(compose_config("eval=paper", "++eval.per_benchmark={gsm8k:{samples:2}}"))
+
+
+def test_stage_keys_leave_out_what_changes_how_training_runs_not_what_it_makes() -> None:
+    from stat_exp.pipeline import _result_settings
+
+    cfg = compose_config("sft=lora", "rl=grpo")
+    sft, rl = _result_settings(cfg.sft), _result_settings(cfg.rl, "num_processes")
+    for kept in (sft, rl):
+        assert "learning_rate" in kept and "seed" in kept and "bf16" in kept
+        assert not {"activation_checkpointing", "save_steps", "save_total_limit"} & set(kept)
+    assert "num_processes" in sft and "num_processes" not in rl  # ranks multiply SFT's batch, not GRPO's

@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,7 @@ def test_varying_rewards_change_the_policy(
     # correctness runs inside TRL's loop too (the random model never answers right: 0 everywhere).
     summary = train_grpo(str(tiny_model_dir), ROWS, small(["correctness", "coin"]), tmp_path, model_cfg=MODEL)
     assert summary["steps"] == 2 and len(summary["rewards"]) == 2
+    assert summary["settings"]["activation_checkpointing"]  # TRL's default
     assert all(std > 0 for std in summary["reward_stds"])
     assert min(summary["zero_std_fractions"]) < 1  # some question's samples scored differently
     assert changed_weights(tiny_model_dir, tmp_path)
@@ -57,8 +59,10 @@ def test_constant_rewards_leave_the_policy_alone(
 ) -> None:
     """Equal rewards within a group give zero advantages, so no gradient (beta=0: no KL term either)."""
     monkeypatch.setitem(REWARDS, "constant", constant)
-    summary = train_grpo(str(tiny_model_dir), ROWS, small(["constant"]), tmp_path, model_cfg=MODEL)
+    cfg = replace(small(["constant"]), activation_checkpointing=False)
+    summary = train_grpo(str(tiny_model_dir), ROWS, cfg, tmp_path, model_cfg=MODEL)
     assert summary["rewards"] == [1.0, 1.0] and summary["zero_std_fractions"] == [1.0, 1.0]
+    assert summary["settings"]["activation_checkpointing"] is False
     assert changed_weights(tiny_model_dir, tmp_path) == []
 
 
@@ -106,8 +110,6 @@ def test_scaled_down_round(tmp_path: Path) -> None:
 def test_interrupted_grpo_resumes_from_its_checkpoint(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from dataclasses import replace
-
     from safetensors.torch import load_file
 
     calls = []
