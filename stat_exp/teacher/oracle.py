@@ -68,11 +68,16 @@ def serves(model: str) -> bool:
     return model.startswith(f"{PROVIDER}/")
 
 
-def fingerprint() -> str:
-    """The registered oracle's code and world: what its answers depend on besides the prompt."""
+def registered() -> list:
+    """The oracle handlers registered with litellm: one after `register()`, none before."""
     import litellm
 
-    worlds = [entry["custom_handler"].world for entry in litellm.custom_provider_map if entry.get("provider") == PROVIDER]
+    return [entry["custom_handler"] for entry in litellm.custom_provider_map if entry.get("provider") == PROVIDER]
+
+
+def fingerprint() -> str:
+    """The registered oracle's code and world: what its answers depend on besides the prompt."""
+    worlds = [handler.world for handler in registered()]
     return hashlib.sha256(repr((digest(module_code(__name__)), worlds)).encode()).hexdigest()[:16]
 
 
@@ -82,16 +87,14 @@ def complete(model: str, messages: list, *, kind: str, sample: int) -> Any:
     import litellm
 
     ensure_registered()
-    (handler,) = [entry["custom_handler"] for entry in litellm.custom_provider_map if entry.get("provider") == PROVIDER]
+    (handler,) = registered()
     return handler.completion(model.removeprefix(f"{PROVIDER}/"), messages, encoding=litellm.encoding,
                               litellm_params={"metadata": {"kind": kind, "sample": sample}})
 
 
 def ensure_registered() -> None:
     """Register the default world's oracle unless an oracle (of any world) is registered already."""
-    import litellm
-
-    if not any(entry.get("provider") == PROVIDER for entry in litellm.custom_provider_map):
+    if not registered():
         register()
 
 
