@@ -55,7 +55,9 @@ class Tracker:
             for part in parents:
                 node = node.setdefault(part, {})
             node[leaf] = value
-        if self.wandb_run is not None:
+        # A job being stopped may have lost W&B's service already (SLURM stops every process of the
+        # job): an error here would replace the exit that lets submitit requeue it.
+        if self.wandb_run is not None and not self.stopped:
             self.wandb_run.log(metrics)
 
     def table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, bar: bool = False) -> None:
