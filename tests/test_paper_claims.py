@@ -111,15 +111,17 @@ def test_each_claim_fails_when_one_comparison_does() -> None:
     assert judged["ood"]["comparisons"]["sel@100 over train@100"]["holds"]
 
 
+SMALL = ["task.world.val_size=16", "task.world.test_size=16", "task.world.ood_val_size=12",
+         "task.world.ood_test_size=12", "data.budget=16"]
+SMALL_REDUCED = [o for o in REDUCED if not o.startswith(("data.budget", "task.world.val_size", "task.world.test_size"))]
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("claims")
-    small = ["task.world.val_size=16", "task.world.test_size=16", "task.world.ood_val_size=12",
-             "task.world.ood_test_size=12", "data.budget=16"]
-    reduced = [o for o in REDUCED if not o.startswith(("data.budget", "task.world.val_size", "task.world.test_size"))]
     claims = paper_claims.main(["--world-seeds", "3", "--quick", "--out", str(tmp / "out"),
                                 "--rl", "max_steps=1", "questions_per_batch=2", "questions_per_update=2",
-                                "max_completion_length=16", "--", *reduced, *small, f"paths.cache_dir={tmp / 'cache'}"])
+                                "max_completion_length=16", "--", *SMALL_REDUCED, *SMALL, f"paths.cache_dir={tmp / 'cache'}"])
     return tmp / "out", claims
 
 
@@ -154,3 +156,21 @@ def test_the_quick_benchmark_writes_the_four_claims(quick_run) -> None:
     assert "## saturation: " in (out / "paper_claims.md").read_text()
     for name in ("saturation", "ood", "grpo_complement", "continual"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow  # eight reduced pipeline jobs, four of them two at a time in processes of their own
+def test_jobs_run_two_at_a_time_answer_exactly_as_one_at_a_time(tmp_path) -> None:
+    overrides = ["logger=none", *SMALL_REDUCED, *SMALL]
+    jobs = [job for job in plan(True, overrides)[0] if job.name in ("sel@16", "train@16")]
+    figures, written = {}, {}
+    for workers in (1, 2):  # each from scratch, in a cache of its own
+        out = tmp_path / f"workers{workers}"
+        figures[workers] = paper_claims.run_all(jobs, [3, 4], out, [*overrides, f"paths.cache_dir={out / 'cache'}"],
+                                                workers)
+        written[workers] = {p.relative_to(out / "cache"): p.read_bytes() for p in sorted((out / "cache").rglob("*"))
+                            if p.name == "rows.jsonl" or p.suffix == ".safetensors"}
+    assert set(figures[1]) == {"sel@16", "train@16", "base"} and len(figures[1]["train@16"]["test"]) == 2
+    # Every weight of every student and every answer it wrote, to the byte: on one thread or two,
+    # the same base students, the same fine-tuned ones and the same evaluations.
+    assert sum(p.suffix == ".safetensors" for p in written[1]) >= 6 and sum(p.name == "rows.jsonl" for p in written[1]) >= 6
+    assert written[1] == written[2] and figures[1] == figures[2]
