@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the GRPO jobs' RL settings on top of claims_grpo's, e.g. --rl max_steps=80")
     parser.add_argument("--workers", type=int, default=2,
                         help="jobs at a time, each in its own process on cores / workers threads (2 on 2 cores: "
-                        "1.5 times the work of one job on both; README, the paper's four claims)")
+                        "1.6 times the work of one job on both; README, the paper's four claims)")
     parser.add_argument("overrides", nargs="*", help="overrides of every job (the claims presets), after --")
     args = parser.parse_args(argv)
     seeds = args.world_seeds[:1] if args.quick else args.world_seeds
