@@ -175,3 +175,37 @@ def test_eval_run_replays_recorded_answers_into_metrics_and_wandb(tmp_path, monk
     rows = read_jsonl(rows_path)
     assert [r["responses"] for r in rows] == REPLAYED
     assert [r["strict"] for r in rows] == [[True, False], [False, True], [False, False]]
+
+
+class RecordingGenerator:
+    """The hf and vLLM backends' interface, recording each request; every answer of call i is \\boxed{i}."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, **sampling):
+        self.calls.append((list(prompts), sampling))
+        return [[f"\\boxed{{{len(self.calls)}}}"] * sampling["n"] for _ in prompts]
+
+
+def test_a_model_backend_is_built_once_and_asked_with_the_eval_settings(tmp_path, monkeypatch):
+    from stat_exp.student import generation, models
+
+    built, generator = [], RecordingGenerator()
+    monkeypatch.setattr(models, "load_tokenizer", lambda path, revision: built.append(("tokenizer", path, revision))
+                        or "TOK")
+    monkeypatch.setattr(generation, "make_generator", lambda gen_cfg, path, dtype, revision: built.append(
+        ("generator", gen_cfg.backend, path, dtype, revision)) or generator)
+    monkeypatch.setattr(models, "format_prompt", lambda tokenizer, problem, instruction, system_prompt:
+                        f"{tokenizer}|{system_prompt}|{instruction}|{problem}")
+    rows = [{"id": str(i), "problem": f"P{i}", "answer": "1"} for i in range(5)]
+    cfg = EvalConfig(samples=2, temperature=0.7, top_p=0.9, max_tokens=33, seed=11)
+    model_cfg = ModelConfig(name="m", revision="r1", dtype="float32", instruction="Think.", system_prompt="Be brief.")
+    metrics = evaluate(rows, tmp_path, cfg=cfg, gen_cfg=GeneratorConfig(backend="hf", shard_size=2),
+                       model_cfg=model_cfg, model_path="/models/m")
+    assert built == [("tokenizer", "/models/m", "r1"), ("generator", "hf", "/models/m", "float32", "r1")]
+    # Shards of 2, 2 and 1 questions, shard i seeded seed + i x shard_size (shard_seed).
+    sampling = {"n": 2, "temperature": 0.7, "top_p": 0.9, "max_tokens": 33}
+    assert generator.calls == [([f"TOK|Be brief.|Think.|P{i}" for i in questions], {**sampling, "seed": seed})
+                               for questions, seed in (((0, 1), 11), ((2, 3), 13), ((4,), 15))]
+    assert metrics["pass@1"] == 0.4 and metrics["pass@2"] == 0.4  # only the first shard answers 1
