@@ -209,3 +209,15 @@ def test_a_model_backend_is_built_once_and_asked_with_the_eval_settings(tmp_path
     assert generator.calls == [([f"TOK|Be brief.|Think.|P{i}" for i in questions], {**sampling, "seed": seed})
                                for questions, seed in (((0, 1), 11), ((2, 3), 13), ((4,), 15))]
     assert metrics["pass@1"] == 0.4 and metrics["pass@2"] == 0.4  # only the first shard answers 1
+
+
+def test_grading_runs_with_the_eval_workers_and_timeout(monkeypatch):
+    from stat_exp import grading
+
+    asked = []
+    monkeypatch.setattr(grading, "grade", lambda gold, predicted, *, workers, timeout:
+                        asked.append((gold, predicted, workers, timeout)) or [grading.Grade(True, False)] * len(gold))
+    records = grade_responses([{"id": "a", "problem": "P", "answer": "2"}], [["\\boxed{2}", "none"]],
+                              EvalConfig(grading_workers=3, grading_timeout=1.5))
+    assert asked == [(["2", "2"], ["2", None], 3, 1.5)]
+    assert (records[0]["correct"], records[0]["strict"]) == ([True, True], [False, False])
