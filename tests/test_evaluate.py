@@ -2,6 +2,7 @@
 answers a known subset right (recorded responses replayed through `generator=replay`)."""
 
 import json
+import logging
 
 import pytest
 
@@ -188,7 +189,10 @@ class RecordingGenerator:
         return [[f"\\boxed{{{len(self.calls)}}}"] * sampling["n"] for _ in prompts]
 
 
-def test_a_model_backend_is_built_once_and_asked_with_the_eval_settings(tmp_path, monkeypatch):
+@pytest.fixture
+def backend(monkeypatch):
+    """A recording model backend in place of the tokenizer, the generator and the prompt format:
+    (what was built, the generator)."""
     from stat_exp.student import generation, models
 
     built, generator = [], RecordingGenerator()
@@ -198,10 +202,22 @@ def test_a_model_backend_is_built_once_and_asked_with_the_eval_settings(tmp_path
         ("generator", gen_cfg.backend, path, dtype, revision)) or generator)
     monkeypatch.setattr(models, "format_prompt", lambda tokenizer, problem, instruction, system_prompt:
                         f"{tokenizer}|{system_prompt}|{instruction}|{problem}")
-    rows = [{"id": str(i), "problem": f"P{i}", "answer": "1"} for i in range(5)]
+    return built, generator
+
+
+FIVE = [{"id": str(i), "problem": f"P{i}", "answer": "1"} for i in range(5)]
+
+
+def evaluate_in_shards(out_dir, shard_size: int, **eval_settings) -> dict:
+    return evaluate(FIVE, out_dir, cfg=EvalConfig(**eval_settings), gen_cfg=GeneratorConfig(backend="hf", shard_size=shard_size),
+                    model_cfg=ModelConfig(name="m"), model_path="/models/m")
+
+
+def test_a_model_backend_is_built_once_and_asked_with_the_eval_settings(tmp_path, backend):
+    built, generator = backend
     cfg = EvalConfig(samples=2, temperature=0.7, top_p=0.9, max_tokens=33, seed=11)
     model_cfg = ModelConfig(name="m", revision="r1", dtype="float32", instruction="Think.", system_prompt="Be brief.")
-    metrics = evaluate(rows, tmp_path, cfg=cfg, gen_cfg=GeneratorConfig(backend="hf", shard_size=2),
+    metrics = evaluate(FIVE, tmp_path, cfg=cfg, gen_cfg=GeneratorConfig(backend="hf", shard_size=2),
                        model_cfg=model_cfg, model_path="/models/m")
     assert built == [("tokenizer", "/models/m", "r1"), ("generator", "hf", "/models/m", "float32", "r1")]
     # Shards of 2, 2 and 1 questions, shard i seeded seed + i x shard_size (shard_seed).
@@ -209,6 +225,30 @@ def test_a_model_backend_is_built_once_and_asked_with_the_eval_settings(tmp_path
     assert generator.calls == [([f"TOK|Be brief.|Think.|P{i}" for i in questions], {**sampling, "seed": seed})
                                for questions, seed in (((0, 1), 11), ((2, 3), 13), ((4,), 15))]
     assert metrics["pass@1"] == 0.4 and metrics["pass@2"] == 0.4  # only the first shard answers 1
+
+
+def test_a_rerun_after_a_kill_answers_only_the_shards_not_written(tmp_path, backend, caplog):
+    _, generator = backend
+    (tmp_path / "shards").mkdir()  # the rerun finds the second shard written: read back, the others answered
+    second = grade_responses(FIVE[2:4], [["\\boxed{1}"], ["\\boxed{7}"]], EvalConfig())
+    write_jsonl(tmp_path / "shards" / "0001.jsonl", second)
+    with caplog.at_level(logging.INFO, logger="stat_exp.evaluate"):
+        metrics = evaluate_in_shards(tmp_path, 2, seed=11)
+    assert "resuming: 1 of 3 shards of 2 questions already answered" in caplog.messages
+    assert [sampling["seed"] for _, sampling in generator.calls] == [11, 15]  # the first and the third
+    written = read_jsonl(tmp_path / "rows.jsonl")
+    assert written[2:4] == second and [r["id"] for r in written] == ["0", "1", "2", "3", "4"]
+    # Right: the first call's (answering 1) 2 of 2, the written shard's 1 of 2; the shards are gone.
+    assert metrics["pass@1"] == 0.6 and not (tmp_path / "shards").exists()
+
+
+def test_shards_of_one_question_and_no_shards_of_none(tmp_path, backend):
+    _, generator = backend
+    (tmp_path / "one").mkdir()
+    evaluate_in_shards(tmp_path / "one", 1, seed=3)
+    assert [(len(prompts), sampling["seed"]) for prompts, sampling in generator.calls] == [(1, s) for s in range(3, 8)]
+    with pytest.raises(ValueError, match="^generator.shard_size must be at least 1, got 0$"):
+        evaluate_in_shards(tmp_path, 0)
 
 
 def test_grading_runs_with_the_eval_workers_and_timeout(monkeypatch):
