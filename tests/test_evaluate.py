@@ -209,8 +209,9 @@ FIVE = [{"id": str(i), "problem": f"P{i}", "answer": "1"} for i in range(5)]
 
 
 def evaluate_in_shards(out_dir, shard_size: int, **eval_settings) -> dict:
-    return evaluate(FIVE, out_dir, cfg=EvalConfig(**eval_settings), gen_cfg=GeneratorConfig(backend="hf", shard_size=shard_size),
-                    model_cfg=ModelConfig(name="m"), model_path="/models/m")
+    return evaluate(FIVE, out_dir, cfg=EvalConfig(**eval_settings),
+                    gen_cfg=GeneratorConfig(backend="hf", shard_size=shard_size), model_cfg=ModelConfig(name="m"),
+                    model_path="/models/m")
 
 
 def test_a_model_backend_is_built_once_and_asked_with_the_eval_settings(tmp_path, backend):
