@@ -64,6 +64,7 @@ class TeacherServer:
     batches: dict = field(default_factory=dict)  # batch id -> the batch object, as last returned
     files: dict = field(default_factory=dict)  # file id -> content (uploaded inputs, written outputs)
     cached_tokens: int = 0  # prompt tokens reported as read from the prompt cache (at most the prompt's)
+    usage: bool = True  # whether answers report their token usage (some OpenAI-compatible servers do not)
     arrivals: list = field(default_factory=list)  # time.monotonic() at each request's arrival
 
     def __post_init__(self):
@@ -139,7 +140,10 @@ def _handler(server: TeacherServer):
             with server._lock:
                 server.answered += 1
                 server.bodies.append(body)
-            self._send(200, _completion(body, content, server.answered, server.cached_tokens))
+            completion = _completion(body, content, server.answered, server.cached_tokens)
+            if not server.usage:
+                del completion["usage"]
+            self._send(200, completion)
 
         def do_GET(self):
             self._batch_api()

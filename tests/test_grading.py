@@ -256,6 +256,21 @@ def test_grade_pool_matches_inline(mixed_answers):
     assert grade(golds, preds, workers=2, progress=False) == grade(golds, preds, progress=False)
 
 
+def test_grade_pools_have_the_asked_workers_and_spawn_them(monkeypatch, mixed_answers):
+    """`workers` processes, started by spawn: fork would copy the locks a caller's threads hold."""
+    pools = []
+
+    class RecordingPool(grading.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append((self._max_workers, self._mp_context.get_start_method()))
+
+    monkeypatch.setattr(grading, "ProcessPoolExecutor", RecordingPool)
+    golds, preds = mixed_answers
+    assert grade(golds[:3], preds[:3], workers=3, progress=False) == grade(golds[:3], preds[:3], progress=False)
+    assert pools == [(3, "spawn")]
+
+
 def test_grade_from_a_thread_uses_pool(mixed_answers):
     golds, preds = mixed_answers
     results = {}

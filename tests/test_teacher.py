@@ -341,6 +341,38 @@ def test_cached_prompt_tokens_are_counted_and_priced_at_the_cache_price(tmp_path
     assert teacher.usage.as_dict() | {"cached_prompt_tokens": 64, "cache_savings_usd": 5e-6} == teacher.usage.as_dict()
 
 
+def test_answers_without_usage_cost_nothing_at_a_priced_model(tmp_path, direct):
+    """A server that reports no token usage: each call is counted, priced at zero tokens, not failed."""
+    requests = [Request("skill_labelling", ({"role": "user", "content": "one two three"},), sample=i) for i in range(2)]
+    with TeacherServer(lambda body: "four five") as server:
+        server.usage = False
+        teacher = Teacher(teacher_config(server, direct_openai=direct, model="openai/gpt-4o-mini"), tmp_path)
+        replies = teacher.ask(requests, lambda text: text)
+    assert [r.parsed for r in replies] == ["four five"] * 2
+    assert teacher.usage.calls == 2 and teacher.usage.unpriced_calls == 0
+    assert teacher.usage.cost_usd == 0.0 and teacher.usage.completion_tokens == 0
+    assert teacher.priced("openai/gpt-4o-mini") is True and teacher.priced("openai/test-teacher") is False
+
+
+def test_the_sdk_path_opens_one_client_per_model_and_closes_it(tmp_path, monkeypatch):
+    """One connection pool for all of an ask's calls to a model, closed when the ask ends."""
+    import openai
+
+    clients = []
+
+    class RecordingClient(openai.AsyncOpenAI):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            clients.append(self)
+
+    monkeypatch.setattr(openai, "AsyncOpenAI", RecordingClient)
+    requests = [Request("skill_labelling", ({"role": "user", "content": "q"},), sample=i) for i in range(4)]
+    with TeacherServer(lambda body: "a") as server:
+        teacher = Teacher(teacher_config(server, direct_openai=True, concurrency=1), tmp_path)
+        assert [r.parsed for r in teacher.ask(requests, lambda text: text)] == ["a"] * 4
+    assert len(clients) == 1 and clients[0].is_closed()
+
+
 def test_the_cli_prints_a_fatal_teacher_error_as_one_line(tmp_path):
     data = tmp_path / "data"
     (data / "math").mkdir(parents=True)
