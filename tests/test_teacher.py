@@ -497,13 +497,21 @@ def test_openai_compatible_models_skip_litellms_call(tmp_path, monkeypatch):
                             questions(1), CATALOGUE, max_skills=5)
 
 
-@pytest.mark.parametrize("variable", ["OPENAI_BASE_URL", "OPENAI_API_BASE"])
-def test_an_openai_base_url_from_the_environment_is_followed_on_both_paths(tmp_path, monkeypatch, direct, variable):
+@pytest.mark.parametrize("variables", [["OPENAI_BASE_URL"], ["OPENAI_API_BASE"], ["OPENAI_BASE_URL", "dead"]],
+                         ids=["base_url", "api_base", "base_url-before-api_base"])
+def test_an_openai_base_url_from_the_environment_is_followed_on_both_paths(tmp_path, monkeypatch, direct, variables):
+    """litellm's order: OPENAI_BASE_URL, then OPENAI_API_BASE (here pointing nowhere when both are set)."""
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("OPENAI_API_BASE", raising=False)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     with TeacherServer(labeller) as server:
-        monkeypatch.setenv(variable, server.url)
-        cfg = OmegaConf.structured(TeacherConfig(name="x", model="openai/test-teacher", direct_openai=direct))
+        monkeypatch.setenv(variables[0], server.url)
+        if "dead" in variables:
+            with socket.socket() as closed:  # a port nothing listens on
+                closed.bind(("127.0.0.1", 0))
+                monkeypatch.setenv("OPENAI_API_BASE", f"http://127.0.0.1:{closed.getsockname()[1]}/v1")
+        cfg = OmegaConf.structured(TeacherConfig(name="x", model="openai/test-teacher", direct_openai=direct,
+                                                 max_retries=0))
         records = label_questions(Teacher(cfg, tmp_path), questions(2), CATALOGUE, max_skills=5)
     assert server.requests == 2 and [r["skills"] for r in records] == [["triangles"], ["linear_equations", "factoring"]]
 
