@@ -335,7 +335,13 @@ def test_cached_prompt_tokens_are_counted_and_priced_at_the_cache_price(tmp_path
         teacher.ask(requests, lambda text: text)
     # gpt-4o-mini: $0.15 per million input tokens, $0.075 cached, $0.60 output.
     assert teacher.usage.cached_prompt_tokens == 64 and teacher.usage.prompt_tokens == 80
-    assert teacher.usage.cost_usd == pytest.approx(2 * (8 * 0.15e-6 + 32 * 0.075e-6 + 1 * 0.6e-6))
+    assert teacher.usage.completion_tokens == 2
+    cost = 8 * 0.15e-6 + 32 * 0.075e-6 + 1 * 0.6e-6
+    assert teacher.usage.cost_usd == pytest.approx(2 * cost)
+    # Each cached answer keeps what it took and cost.
+    rows = [json.loads(v) for (v,) in sqlite3.connect(tmp_path / "teacher.sqlite").execute("SELECT value FROM answers")]
+    assert rows == [{"content": "one", "prompt_tokens": 40, "completion_tokens": 1, "cached_prompt_tokens": 32,
+                     "cost_usd": pytest.approx(cost)}] * 2
     assert teacher.usage.cache_savings_usd == pytest.approx(2 * 32 * (0.15e-6 - 0.075e-6))
     # What the manifest and W&B get (dollars to the micro-dollar, as cost_usd).
     assert teacher.usage.as_dict() | {"cached_prompt_tokens": 64, "cache_savings_usd": 5e-6} == teacher.usage.as_dict()
@@ -350,8 +356,17 @@ def test_answers_without_usage_cost_nothing_at_a_priced_model(tmp_path, direct):
         replies = teacher.ask(requests, lambda text: text)
     assert [r.parsed for r in replies] == ["four five"] * 2
     assert teacher.usage.calls == 2 and teacher.usage.unpriced_calls == 0
-    assert teacher.usage.cost_usd == 0.0 and teacher.usage.completion_tokens == 0
+    assert teacher.usage.cost_usd == 0.0 and teacher.usage.prompt_tokens == teacher.usage.completion_tokens == 0
     assert teacher.priced("openai/gpt-4o-mini") is True and teacher.priced("openai/test-teacher") is False
+
+
+def test_a_model_missing_from_the_price_table_is_counted_unpriced_at_no_cost(tmp_path, direct):
+    requests = [Request("skill_labelling", ({"role": "user", "content": "q"},), sample=i) for i in range(3)]
+    with TeacherServer(lambda body: "a") as server:
+        teacher = Teacher(teacher_config(server, direct_openai=direct), tmp_path)  # openai/test-teacher
+        teacher.ask(requests, lambda text: text)
+    assert teacher.usage.calls == teacher.usage.unpriced_calls == 3 and teacher.usage.cost_usd == 0.0
+    assert teacher.usage.completion_tokens == 3
 
 
 def test_the_sdk_path_opens_one_client_per_model_and_closes_it(tmp_path, monkeypatch):
