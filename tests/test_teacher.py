@@ -18,7 +18,7 @@ from stat_exp.config import TeacherConfig
 from stat_exp.pipeline import _teacher_identity
 from stat_exp.skills import label_questions
 from stat_exp.teacher.client import (BudgetExceeded, Request, Teacher, TeacherFailed, TeacherFatalError, Usage,
-                                     _cache_key, _key_variable, _retry_after, _short)
+                                     _cache_key, _cached_tokens, _key_variable, _retry_after, _short)
 from teacher_server import Faults, TeacherServer
 
 CATALOGUE = {"Algebra": ["linear_equations", "factoring", "quadratics"], "Geometry": ["triangles", "circles"]}
@@ -107,10 +107,13 @@ def test_budget_cap_stops_keeps_paid_answers_and_a_rerun_resumes(tmp_path, direc
         cfg = teacher_config(server, direct_openai=direct, model="openai/gpt-4o-mini", concurrency=1,
                              max_cost_usd=0.0001)
         teacher = Teacher(cfg, tmp_path)
-        with pytest.raises(BudgetExceeded, match=r"of 40 labelling skills requests answered and cached"):
+        with pytest.raises(BudgetExceeded) as stopped:
             label_questions(teacher, rows, CATALOGUE, max_skills=5)
         paid = server.requests
         assert 0 < paid < 40 and teacher.usage.cost_usd >= 0.0001
+        assert str(stopped.value) == (
+            f"teacher budget of $0.0001 reached (${teacher.usage.cost_usd:.4f} spent): {paid} of 40 labelling skills "
+            "requests answered and cached; raise teacher.max_cost_usd and rerun to resume without paying for them again")
         # One request at a time, so the run stops within one request's cost of the cap.
         costs = [json.loads(v)["cost_usd"] for (v,) in
                  sqlite3.connect(tmp_path / "teacher.sqlite").execute("SELECT value FROM answers")]
@@ -358,6 +361,46 @@ def test_answers_without_usage_cost_nothing_at_a_priced_model(tmp_path, direct):
     assert teacher.usage.calls == 2 and teacher.usage.unpriced_calls == 0
     assert teacher.usage.cost_usd == 0.0 and teacher.usage.prompt_tokens == teacher.usage.completion_tokens == 0
     assert teacher.priced("openai/gpt-4o-mini") is True and teacher.priced("openai/test-teacher") is False
+
+
+def test_cached_prompt_tokens_are_read_from_openais_field_or_anthropics():
+    from types import SimpleNamespace as Usage_
+
+    assert _cached_tokens(Usage_(prompt_tokens_details=Usage_(cached_tokens=5), cache_read_input_tokens=7)) == 5
+    assert _cached_tokens(Usage_(prompt_tokens_details=None, cache_read_input_tokens=7)) == 7
+    assert _cached_tokens(Usage_(prompt_tokens_details=Usage_(cached_tokens=None))) == 0
+    assert _cached_tokens(None) == 0
+
+
+def test_a_mismatched_number_of_parsers_is_named(tmp_path):
+    with TeacherServer(labeller) as server:
+        teacher = Teacher(teacher_config(server), tmp_path)
+        with pytest.raises(ValueError, match="^2 parsers for 3 requests$"):
+            teacher.ask([Request("skill_labelling", ({"role": "user", "content": "q"},), sample=i) for i in range(3)],
+                        [str, str])
+    assert server.requests == 0
+
+
+def test_a_call_slower_than_the_timeout_is_cut_and_fails(tmp_path, direct):
+    with TeacherServer(labeller, Faults(hang_rate=1.0, hang_seconds=3)) as server:
+        teacher = Teacher(teacher_config(server, direct_openai=direct, timeout=0.3, max_retries=0, max_failed=1),
+                          tmp_path)
+        start = time.monotonic()
+        records = label_questions(teacher, questions(1), CATALOGUE, max_skills=5)
+        assert time.monotonic() - start < 2.5
+    assert records[0]["skills"] == [] and "Timeout" in records[0]["error"]
+
+
+def test_a_stage_over_max_failed_names_the_count_the_kind_and_an_example(tmp_path, direct):
+    with TeacherServer(labeller, refuse=lambda body: 500 if "Question 3 " in body["messages"][-1]["content"] else None
+                       ) as server:
+        teacher = Teacher(teacher_config(server, direct_openai=direct, max_retries=0), tmp_path)
+        with pytest.raises(TeacherFailed) as failed:
+            label_questions(teacher, questions(6), CATALOGUE, max_skills=5)
+    example = teacher.error_examples["InternalServerError"]
+    assert example.startswith("InternalServerError: ") and "scripted error 500" in example
+    assert str(failed.value).startswith(f"1 of 6 teacher requests (labelling skills) failed after every retry: "
+                                        f"1 x {example}. The 5 answered are cached")
 
 
 def test_a_model_missing_from_the_price_table_is_counted_unpriced_at_no_cost(tmp_path, direct):
