@@ -391,7 +391,7 @@ def test_a_call_slower_than_the_timeout_is_cut_and_fails(tmp_path, direct):
     assert records[0]["skills"] == [] and "Timeout" in records[0]["error"]
 
 
-def test_a_stage_over_max_failed_names_the_count_the_kind_and_an_example(tmp_path, direct):
+def test_a_stage_over_max_failed_names_the_count_the_kind_and_an_example(tmp_path, direct, caplog):
     with TeacherServer(labeller, refuse=lambda body: 500 if "Question 3 " in body["messages"][-1]["content"] else None
                        ) as server:
         teacher = Teacher(teacher_config(server, direct_openai=direct, max_retries=0), tmp_path)
@@ -401,6 +401,8 @@ def test_a_stage_over_max_failed_names_the_count_the_kind_and_an_example(tmp_pat
     assert example.startswith("InternalServerError: ") and "scripted error 500" in example
     assert str(failed.value).startswith(f"1 of 6 teacher requests (labelling skills) failed after every retry: "
                                         f"1 x {example}. The 5 answered are cached")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "stat_exp.teacher.client"]
+    assert warnings == [f"labelling skills: 1 of 6 requests failed after every retry: 1 x {example}"]
 
 
 def test_a_model_missing_from_the_price_table_is_counted_unpriced_at_no_cost(tmp_path, direct):
