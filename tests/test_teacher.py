@@ -1,6 +1,7 @@
 """The teacher through litellm over HTTP, against the scripted local server."""
 
 import json
+import logging
 import os
 import re
 import socket
@@ -403,6 +404,20 @@ def test_a_stage_over_max_failed_names_the_count_the_kind_and_an_example(tmp_pat
                                         f"1 x {example}. The 5 answered are cached")
     warnings = [r.getMessage() for r in caplog.records if r.name == "stat_exp.teacher.client"]
     assert warnings == [f"labelling skills: 1 of 6 requests failed after every retry: 1 x {example}"]
+
+
+def test_litellm_stays_quiet_its_banners_and_per_call_lines_off(tmp_path, capsys, caplog):
+    import litellm  # noqa: F401  (what it logs while importing is not a call's)
+
+    caplog.set_level(logging.DEBUG)  # as verbose as a user's own logging may be
+    with TeacherServer(labeller, refuse=lambda body: 500 if "Question 1 " in body["messages"][-1]["content"] else None
+                       ) as server:
+        teacher = Teacher(teacher_config(server, direct_openai=False, max_retries=0, max_failed=1), tmp_path)
+        label_questions(teacher, questions(2), CATALOGUE, max_skills=5)
+    out = capsys.readouterr()
+    assert "Give Feedback" not in out.out + out.err and "LiteLLM.Info" not in out.out + out.err
+    assert [r for r in caplog.records if r.name.startswith("LiteLLM") and r.levelno < logging.WARNING] == []
+    assert logging.getLogger().level == logging.DEBUG  # only litellm's logger is quieted
 
 
 def test_a_model_missing_from_the_price_table_is_counted_unpriced_at_no_cost(tmp_path, direct):
