@@ -429,8 +429,9 @@ def test_a_model_missing_from_the_price_table_is_counted_unpriced_at_no_cost(tmp
     assert teacher.usage.completion_tokens == 3
 
 
-def test_the_sdk_path_opens_one_client_per_model_and_closes_it(tmp_path, monkeypatch):
-    """One connection pool for all of an ask's calls to a model, closed when the ask ends."""
+@pytest.fixture
+def sdk_clients(monkeypatch) -> list:
+    """Every openai.AsyncOpenAI client the teacher opens, in order."""
     import openai
 
     clients = []
@@ -441,11 +442,27 @@ def test_the_sdk_path_opens_one_client_per_model_and_closes_it(tmp_path, monkeyp
             clients.append(self)
 
     monkeypatch.setattr(openai, "AsyncOpenAI", RecordingClient)
+    return clients
+
+
+def test_the_sdk_path_opens_one_client_per_model_and_closes_it(tmp_path, sdk_clients):
+    """One connection pool for all of an ask's calls to a model, closed when the ask ends."""
     requests = [Request("skill_labelling", ({"role": "user", "content": "q"},), sample=i) for i in range(4)]
     with TeacherServer(lambda body: "a") as server:
         teacher = Teacher(teacher_config(server, direct_openai=True, concurrency=1), tmp_path)
         assert [r.parsed for r in teacher.ask(requests, lambda text: text)] == ["a"] * 4
-    assert len(clients) == 1 and clients[0].is_closed()
+    assert len(sdk_clients) == 1 and sdk_clients[0].is_closed()
+
+
+def test_only_models_litellm_sends_to_openai_take_the_sdk_path(tmp_path, sdk_clients):
+    """Each prompt kind's own OpenAI model gets a client; another provider's model goes through litellm."""
+    prompt = ({"role": "user", "content": "q"},)
+    requests = [Request("skill_labelling", prompt), Request("synthesis", prompt)]
+    with TeacherServer(lambda body: "a") as server:
+        Teacher(teacher_config(server, models={"synthesis": "openai/other"}), tmp_path / "a").ask(requests, str)
+        assert len(sdk_clients) == 2 and {b["model"] for b in server.bodies} == {"test-teacher", "other"}
+        replies = Teacher(teacher_config(server, model="hosted_vllm/test-teacher"), tmp_path / "b").ask(requests, str)
+        assert len(sdk_clients) == 2 and [r.parsed for r in replies] == ["a", "a"] and server.requests == 4
 
 
 def test_the_cli_prints_a_fatal_teacher_error_as_one_line(tmp_path):
