@@ -18,7 +18,7 @@ from helpers import ROOT
 from stat_exp.config import TeacherConfig
 from stat_exp.pipeline import _teacher_identity
 from stat_exp.skills import label_questions
-from stat_exp.teacher.client import (BudgetExceeded, Request, Teacher, TeacherFailed, TeacherFatalError, Usage,
+from stat_exp.teacher.client import (BudgetExceeded, Reply, Request, Teacher, TeacherFailed, TeacherFatalError, Usage,
                                      _cache_key, _cached_tokens, _key_variable, _retry_after, _short)
 from teacher_server import Faults, TeacherServer
 
@@ -383,13 +383,17 @@ def test_a_mismatched_number_of_parsers_is_named(tmp_path):
 
 
 def test_a_call_slower_than_the_timeout_is_cut_and_fails(tmp_path, direct):
+    import litellm  # noqa: F401  (imported before the clock starts: its import takes seconds)
+
+    request = Request("skill_labelling", ({"role": "user", "content": "q"},))
     with TeacherServer(labeller, Faults(hang_rate=1.0, hang_seconds=3)) as server:
         teacher = Teacher(teacher_config(server, direct_openai=direct, timeout=0.3, max_retries=0, max_failed=1),
                           tmp_path)
         start = time.monotonic()
-        records = label_questions(teacher, questions(1), CATALOGUE, max_skills=5)
+        [reply] = teacher.ask([request], str)
         assert time.monotonic() - start < 2.5
-    assert records[0]["skills"] == [] and "Timeout" in records[0]["error"]
+    assert reply == Reply(request, None, None, reply.error, attempts=1, failed=True) and "Timeout" in reply.error
+    assert teacher.usage.requests == teacher.usage.failed == 1
 
 
 def test_a_stage_over_max_failed_names_the_count_the_kind_and_an_example(tmp_path, direct, caplog):
@@ -425,7 +429,8 @@ def test_a_model_missing_from_the_price_table_is_counted_unpriced_at_no_cost(tmp
     with TeacherServer(lambda body: "a") as server:
         teacher = Teacher(teacher_config(server, direct_openai=direct), tmp_path)  # openai/test-teacher
         teacher.ask(requests, lambda text: text)
-    assert teacher.usage.calls == teacher.usage.unpriced_calls == 3 and teacher.usage.cost_usd == 0.0
+    assert teacher.usage.requests == teacher.usage.calls == teacher.usage.unpriced_calls == 3
+    assert teacher.usage.cost_usd == 0.0
     assert teacher.usage.completion_tokens == 3
 
 
