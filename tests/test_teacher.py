@@ -20,6 +20,7 @@ from stat_exp.pipeline import _teacher_identity
 from stat_exp.skills import label_questions
 from stat_exp.teacher.client import (BudgetExceeded, Reply, Request, Teacher, TeacherFailed, TeacherFatalError, Usage,
                                      _cache_key, _cached_tokens, _key_variable, _retry_after, _short)
+from stat_exp.teacher.parsers import ParseError
 from teacher_server import Faults, TeacherServer
 
 CATALOGUE = {"Algebra": ["linear_equations", "factoring", "quadratics"], "Geometry": ["triangles", "circles"]}
@@ -380,6 +381,28 @@ def test_a_mismatched_number_of_parsers_is_named(tmp_path):
             teacher.ask([Request("skill_labelling", ({"role": "user", "content": "q"},), sample=i) for i in range(3)],
                         [str, str])
     assert server.requests == 0
+
+
+def test_replies_carry_their_request_answer_and_attempts(tmp_path, caplog, direct):
+    def parse(text: str) -> str:
+        if text.startswith("bad"):
+            raise ParseError("no tags")
+        return text.upper()
+
+    def answer(body: dict) -> str:
+        question = body["messages"][-1]["content"]
+        if question == "empty":
+            return ""
+        return "bad answer" if question == "retried" and body["temperature"] == 0 else f"ok {question}"
+
+    requests = [Request("skill_labelling", ({"role": "user", "content": q},)) for q in ("plain", "retried", "empty")]
+    caplog.set_level(logging.DEBUG, logger="stat_exp.teacher.client")
+    with TeacherServer(answer) as server:
+        replies = Teacher(teacher_config(server, direct_openai=direct, parse_retries=1), tmp_path).ask(requests, parse)
+    assert replies == [Reply(requests[0], "OK PLAIN", "ok plain", None, attempts=1),
+                       Reply(requests[1], "OK RETRIED", "ok retried", None, attempts=2),
+                       Reply(requests[2], "", "", None, attempts=1)]
+    assert "skill_labelling attempt 0: no tags" in [r.getMessage() for r in caplog.records]
 
 
 def test_a_call_slower_than_the_timeout_is_cut_and_fails(tmp_path, direct):
