@@ -389,20 +389,39 @@ def test_replies_carry_their_request_answer_and_attempts(tmp_path, caplog, direc
             raise ParseError("no tags")
         return text.upper()
 
+    def parse_nonempty(text: str) -> str:
+        if not text:
+            raise ParseError("empty")
+        return text
+
     def answer(body: dict) -> str:
         question = body["messages"][-1]["content"]
-        if question == "empty":
+        if question in ("empty", "blank"):
             return ""
-        return "bad answer" if question == "retried" and body["temperature"] == 0 else f"ok {question}"
+        if question == "never" or question == "retried" and body["temperature"] == 0:
+            return "bad answer"
+        return f"ok {question}"
 
-    requests = [Request("skill_labelling", ({"role": "user", "content": q},)) for q in ("plain", "retried", "empty")]
+    questions_ = ("plain", "retried", "empty", "never", "blank")
+    requests = [Request("skill_labelling", ({"role": "user", "content": q},)) for q in questions_]
     caplog.set_level(logging.DEBUG, logger="stat_exp.teacher.client")
     with TeacherServer(answer) as server:
-        replies = Teacher(teacher_config(server, direct_openai=direct, parse_retries=1), tmp_path).ask(requests, parse)
+        teacher = Teacher(teacher_config(server, direct_openai=direct, parse_retries=1), tmp_path)
+        replies = teacher.ask(requests, [parse] * 4 + [parse_nonempty])
     assert replies == [Reply(requests[0], "OK PLAIN", "ok plain", None, attempts=1),
                        Reply(requests[1], "OK RETRIED", "ok retried", None, attempts=2),
-                       Reply(requests[2], "", "", None, attempts=1)]
+                       Reply(requests[2], "", "", None, attempts=1),
+                       Reply(requests[3], None, "bad answer", "unparsable answer: no tags", attempts=2),
+                       Reply(requests[4], None, "", "unparsable answer: empty", attempts=2)]
+    assert teacher.usage.unparsed == 2 and sorted(teacher.unparsed_answers) == ["", "bad answer"]
     assert "skill_labelling attempt 0: no tags" in [r.getMessage() for r in caplog.records]
+
+
+def test_a_prompt_kind_without_sampling_is_named(tmp_path):
+    with TeacherServer(labeller) as server:
+        teacher = Teacher(teacher_config(server), tmp_path)
+        with pytest.raises(KeyError, match="no teacher.sampling entry for prompt kind 'skill_labeling'"):
+            teacher.ask([Request("skill_labeling", ({"role": "user", "content": "q"},))], str)
 
 
 def test_a_call_slower_than_the_timeout_is_cut_and_fails(tmp_path, direct):
