@@ -417,6 +417,15 @@ def test_replies_carry_their_request_answer_and_attempts(tmp_path, caplog, direc
     assert "skill_labelling attempt 0: no tags" in [r.getMessage() for r in caplog.records]
 
 
+def test_a_changed_sampling_setting_asks_again(tmp_path):
+    request = Request("skill_labelling", ({"role": "user", "content": "q"},))
+    with TeacherServer(lambda body: "a") as server:
+        for sampling in ({}, {"temperature": 0.7}, {"max_tokens": 100}, {}):
+            teacher = Teacher(teacher_config(server, sampling={"skill_labelling": sampling}), tmp_path)
+            assert teacher.ask([request], str)[0].parsed == "a"
+    assert server.requests == 3 and [b["temperature"] for b in server.bodies] == [0.0, 0.7, 0.0]
+
+
 def test_a_prompt_kind_without_sampling_is_named(tmp_path):
     with TeacherServer(labeller) as server:
         teacher = Teacher(teacher_config(server), tmp_path)
