@@ -426,6 +426,14 @@ def test_a_changed_sampling_setting_asks_again(tmp_path):
     assert server.requests == 3 and [b["temperature"] for b in server.bodies] == [0.0, 0.7, 0.0]
 
 
+def test_the_oracle_is_told_each_requests_prompt_kind(tmp_path):
+    """Not left to guess it from a template's wording: a prompt in other words gets that kind's answer."""
+    teacher = Teacher(OmegaConf.structured(TeacherConfig(name="oracle", model="oracle/skillworld")), tmp_path)
+    messages = ({"role": "user", "content": "Which skills does 2 + 2 need?"},)
+    [reply] = teacher.ask([Request("skill_labelling", messages)], str)
+    assert reply.raw.startswith("I cannot answer this skill_labelling prompt")
+
+
 def test_a_prompt_kind_without_sampling_is_named(tmp_path):
     with TeacherServer(labeller) as server:
         teacher = Teacher(teacher_config(server), tmp_path)
