@@ -456,17 +456,21 @@ def test_a_call_slower_than_the_timeout_is_cut_and_fails(tmp_path, direct):
 
 
 def test_a_stage_over_max_failed_names_the_count_the_kind_and_an_example(tmp_path, direct, caplog):
-    with TeacherServer(labeller, refuse=lambda body: 500 if "Question 3 " in body["messages"][-1]["content"] else None
-                       ) as server:
+    def refuse(body: dict) -> int | None:
+        prompt = body["messages"][-1]["content"]
+        return 500 if "Question 3 " in prompt or "Question 4 " in prompt else None
+
+    with TeacherServer(labeller, refuse=refuse) as server:
         teacher = Teacher(teacher_config(server, direct_openai=direct, max_retries=0), tmp_path)
         with pytest.raises(TeacherFailed) as failed:
             label_questions(teacher, questions(6), CATALOGUE, max_skills=5)
     example = teacher.error_examples["InternalServerError"]
     assert example.startswith("InternalServerError: ") and "scripted error 500" in example
-    assert str(failed.value).startswith(f"1 of 6 teacher requests (labelling skills) failed after every retry: "
-                                        f"1 x {example}. The 5 answered are cached")
+    assert str(failed.value).startswith(f"2 of 6 teacher requests (labelling skills) failed after every retry: "
+                                        f"2 x {example}. The 4 answered are cached")
     warnings = [r.getMessage() for r in caplog.records if r.name == "stat_exp.teacher.client"]
-    assert warnings == [f"labelling skills: 1 of 6 requests failed after every retry: 1 x {example}"]
+    assert warnings == [f"labelling skills: 2 of 6 requests failed after every retry: 2 x {example}"]
+    assert teacher.usage.failed == 2 and teacher.usage.errors == {"InternalServerError": 2}
 
 
 def test_litellm_stays_quiet_its_banners_and_per_call_lines_off(tmp_path, capsys, caplog):
