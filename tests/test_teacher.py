@@ -460,6 +460,7 @@ def test_a_stage_over_max_failed_names_the_count_the_kind_and_an_example(tmp_pat
         prompt = body["messages"][-1]["content"]
         return 500 if "Question 3 " in prompt or "Question 4 " in prompt else None
 
+    caplog.set_level(logging.DEBUG, logger="stat_exp.teacher.client")
     with TeacherServer(labeller, refuse=refuse) as server:
         teacher = Teacher(teacher_config(server, direct_openai=direct, max_retries=0), tmp_path)
         with pytest.raises(TeacherFailed) as failed:
@@ -468,8 +469,10 @@ def test_a_stage_over_max_failed_names_the_count_the_kind_and_an_example(tmp_pat
     assert example.startswith("InternalServerError: ") and "scripted error 500" in example
     assert str(failed.value).startswith(f"2 of 6 teacher requests (labelling skills) failed after every retry: "
                                         f"2 x {example}. The 4 answered are cached")
-    warnings = [r.getMessage() for r in caplog.records if r.name == "stat_exp.teacher.client"]
-    assert warnings == [f"labelling skills: 2 of 6 requests failed after every retry: 2 x {example}"]
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "stat_exp.teacher.client"]
+    failure = f"teacher request failed after 0 retries: {example.removeprefix('InternalServerError: ')}"
+    assert lines == [(logging.DEBUG, failure)] * 2 + [
+        (logging.WARNING, f"labelling skills: 2 of 6 requests failed after every retry: 2 x {example}")]
     assert teacher.usage.failed == 2 and teacher.usage.errors == {"InternalServerError": 2}
 
 
