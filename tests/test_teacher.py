@@ -434,6 +434,17 @@ def test_the_oracle_is_told_each_requests_prompt_kind(tmp_path):
     assert reply.raw.startswith("I cannot answer this skill_labelling prompt")
 
 
+def test_retries_back_off_exponentially_with_jitter(tmp_path):
+    """Without a Retry-After: retry i waits backoff_initial * 2**i times a jitter in [0.5, 1)."""
+    with TeacherServer(lambda body: "a", Faults(rate_limited=3)) as server:
+        teacher = Teacher(teacher_config(server, max_retries=3, backoff_initial=0.3, backoff_max=10), tmp_path)
+        assert teacher.ask([Request("skill_labelling", ({"role": "user", "content": "q"},))], str)[0].parsed == "a"
+    gaps = [b - a for a, b in zip(server.arrivals, server.arrivals[1:])]
+    assert len(gaps) == 3 and teacher.usage.retries == 3
+    for i, gap in enumerate(gaps):
+        assert 0.3 * 2**i * 0.5 <= gap < 0.3 * 2**i + 0.1, gaps  # 0.1 s for the request itself
+
+
 def test_a_prompt_kind_without_sampling_is_named(tmp_path):
     with TeacherServer(labeller) as server:
         teacher = Teacher(teacher_config(server), tmp_path)
@@ -452,6 +463,7 @@ def test_a_call_slower_than_the_timeout_is_cut_and_fails(tmp_path, direct):
         [reply] = teacher.ask([request], str)
         assert time.monotonic() - start < 2.5
     assert reply == Reply(request, None, None, reply.error, attempts=1, failed=True) and "Timeout" in reply.error
+    assert list(teacher.error_examples.values()) == [reply.error]
     assert teacher.usage.requests == teacher.usage.failed == 1
 
 
