@@ -129,6 +129,18 @@ def test_budget_cap_stops_keeps_paid_answers_and_a_rerun_resumes(tmp_path, direc
         assert resumed.usage.cache_hits == paid and server.requests == 40
 
 
+def test_a_budget_spent_exactly_stops_the_next_request(tmp_path):
+    requests = [Request("skill_labelling", ({"role": "user", "content": "q"},), sample=i) for i in range(2)]
+    with TeacherServer(lambda body: "a") as server:
+        priced = teacher_config(server, model="openai/gpt-4o-mini", concurrency=1)
+        one = Teacher(priced, tmp_path / "one")
+        one.ask(requests[:1], str)
+        teacher = Teacher(OmegaConf.merge(priced, {"max_cost_usd": one.usage.cost_usd}), tmp_path / "two")
+        with pytest.raises(BudgetExceeded, match="1 of 2 teacher requests answered"):
+            teacher.ask(requests, str)
+    assert server.requests == 2
+
+
 def test_missing_key_variable_is_named(tmp_path, monkeypatch):
     monkeypatch.delenv("STAT_NO_SUCH_KEY", raising=False)
     cfg = OmegaConf.structured(TeacherConfig(name="x", model="openai/gpt-4o-mini", api_key_env="STAT_NO_SUCH_KEY"))
