@@ -37,6 +37,11 @@ def questions(n: int) -> list[dict]:
     return rows
 
 
+def labelling(content: str = "q", sample: int = 0) -> Request:
+    """A skill-labelling request of one user message."""
+    return Request("skill_labelling", ({"role": "user", "content": content},), sample=sample)
+
+
 def labeller(body: dict) -> str:
     """Answers a labelling prompt with the skills named in its question."""
     prompt = body["messages"][-1]["content"]
@@ -130,7 +135,7 @@ def test_budget_cap_stops_keeps_paid_answers_and_a_rerun_resumes(tmp_path, direc
 
 
 def test_a_budget_spent_exactly_stops_the_next_request(tmp_path):
-    requests = [Request("skill_labelling", ({"role": "user", "content": "q"},), sample=i) for i in range(2)]
+    requests = [labelling(sample=i) for i in range(2)]
     with TeacherServer(lambda body: "a") as server:
         priced = teacher_config(server, model="openai/gpt-4o-mini", concurrency=1)
         one = Teacher(priced, tmp_path / "one")
@@ -366,7 +371,7 @@ def test_cached_prompt_tokens_are_counted_and_priced_at_the_cache_price(tmp_path
 
 def test_answers_without_usage_cost_nothing_at_a_priced_model(tmp_path, direct):
     """A server that reports no token usage: each call is counted, priced at zero tokens, not failed."""
-    requests = [Request("skill_labelling", ({"role": "user", "content": "one two three"},), sample=i) for i in range(2)]
+    requests = [labelling("one two three", sample=i) for i in range(2)]
     with TeacherServer(lambda body: "four five") as server:
         server.usage = False
         teacher = Teacher(teacher_config(server, direct_openai=direct, model="openai/gpt-4o-mini"), tmp_path)
@@ -390,8 +395,7 @@ def test_a_mismatched_number_of_parsers_is_named(tmp_path):
     with TeacherServer(labeller) as server:
         teacher = Teacher(teacher_config(server), tmp_path)
         with pytest.raises(ValueError, match="^2 parsers for 3 requests$"):
-            teacher.ask([Request("skill_labelling", ({"role": "user", "content": "q"},), sample=i) for i in range(3)],
-                        [str, str])
+            teacher.ask([labelling(sample=i) for i in range(3)], [str, str])
     assert server.requests == 0
 
 
@@ -414,8 +418,7 @@ def test_replies_carry_their_request_answer_and_attempts(tmp_path, caplog, direc
             return "bad answer"
         return f"ok {question}"
 
-    questions_ = ("plain", "retried", "empty", "never", "blank")
-    requests = [Request("skill_labelling", ({"role": "user", "content": q},)) for q in questions_]
+    requests = [labelling(q) for q in ("plain", "retried", "empty", "never", "blank")]
     caplog.set_level(logging.DEBUG, logger="stat_exp.teacher.client")
     with TeacherServer(answer) as server:
         teacher = Teacher(teacher_config(server, direct_openai=direct, parse_retries=1), tmp_path)
@@ -430,7 +433,7 @@ def test_replies_carry_their_request_answer_and_attempts(tmp_path, caplog, direc
 
 
 def test_a_changed_sampling_setting_asks_again(tmp_path):
-    request = Request("skill_labelling", ({"role": "user", "content": "q"},))
+    request = labelling()
     with TeacherServer(lambda body: "a") as server:
         for sampling in ({}, {"temperature": 0.7}, {"max_tokens": 100}, {}):
             teacher = Teacher(teacher_config(server, sampling={"skill_labelling": sampling}), tmp_path)
@@ -450,7 +453,7 @@ def test_retries_back_off_exponentially_with_jitter(tmp_path):
     """Without a Retry-After: retry i waits backoff_initial * 2**i times a jitter in [0.5, 1)."""
     with TeacherServer(lambda body: "a", Faults(rate_limited=3)) as server:
         teacher = Teacher(teacher_config(server, max_retries=3, backoff_initial=0.3, backoff_max=10), tmp_path)
-        assert teacher.ask([Request("skill_labelling", ({"role": "user", "content": "q"},))], str)[0].parsed == "a"
+        assert teacher.ask([labelling()], str)[0].parsed == "a"
     gaps = [b - a for a, b in zip(server.arrivals, server.arrivals[1:])]
     assert len(gaps) == 3 and teacher.usage.retries == 3
     for i, gap in enumerate(gaps):
@@ -467,7 +470,7 @@ def test_a_prompt_kind_without_sampling_is_named(tmp_path):
 def test_a_call_slower_than_the_timeout_is_cut_and_fails(tmp_path, direct):
     import litellm  # noqa: F401  (imported before the clock starts: its import takes seconds)
 
-    request = Request("skill_labelling", ({"role": "user", "content": "q"},))
+    request = labelling()
     with TeacherServer(labeller, Faults(hang_rate=1.0, hang_seconds=3)) as server:
         teacher = Teacher(teacher_config(server, direct_openai=direct, timeout=0.3, max_retries=0, max_failed=1),
                           tmp_path)
@@ -515,7 +518,7 @@ def test_litellm_stays_quiet_its_banners_and_per_call_lines_off(tmp_path, capsys
 
 
 def test_a_model_missing_from_the_price_table_is_counted_unpriced_at_no_cost(tmp_path, direct):
-    requests = [Request("skill_labelling", ({"role": "user", "content": "q"},), sample=i) for i in range(3)]
+    requests = [labelling(sample=i) for i in range(3)]
     with TeacherServer(lambda body: "a") as server:
         teacher = Teacher(teacher_config(server, direct_openai=direct), tmp_path)  # openai/test-teacher
         teacher.ask(requests, lambda text: text)
@@ -542,7 +545,7 @@ def sdk_clients(monkeypatch) -> list:
 
 def test_the_sdk_path_opens_one_client_per_model_and_closes_it(tmp_path, sdk_clients):
     """One connection pool for all of an ask's calls to a model, closed when the ask ends."""
-    requests = [Request("skill_labelling", ({"role": "user", "content": "q"},), sample=i) for i in range(4)]
+    requests = [labelling(sample=i) for i in range(4)]
     with TeacherServer(lambda body: "a") as server:
         teacher = Teacher(teacher_config(server, direct_openai=True, concurrency=1), tmp_path)
         assert [r.parsed for r in teacher.ask(requests, lambda text: text)] == ["a"] * 4
@@ -655,7 +658,7 @@ def test_cache_key_changes_with_everything_that_changes_the_answer():
 
 def test_both_call_paths_send_a_model_the_parameters_it_takes(tmp_path):
     """A reasoning model takes max_completion_tokens and no temperature: litellm's mapping, on either path."""
-    request = Request("skill_labelling", ({"role": "user", "content": "q"},))
+    request = labelling()
     bodies = {}
     for direct in (True, False):
         with TeacherServer(lambda body: "ok") as server:
