@@ -14,8 +14,9 @@ from scipy.stats import chisquare
 from stat_exp import select, synth
 from stat_exp.config import TeacherConfig, VariantConfig
 from stat_exp.data import DataInputs, build_training_data
+from stat_exp.select import Answers
 from stat_exp.synth import agreeing_solutions, is_near_copy
-from stat_exp.teacher.client import Teacher
+from stat_exp.teacher.client import Reply, Teacher
 from teacher_server import TeacherServer
 
 SKILLS = ["algebra_skill", "geometry_skill", "counting_skill"]
@@ -199,6 +200,40 @@ def test_budget_shortfall_is_reported(caplog):
     pairs, card = build_training_data(inputs(), variant("train"), budget=10_000, seed=0)
     assert len(pairs) == 300 and not card["budget_met"]
     assert "made 300 of the 10000 pairs asked for: every pair of the pool's 300 questions x 1 answers is used" in caplog.text
+
+
+class SlipTeacher:
+    """Rewrites that keep the reference's answer, numbered by sample, but for the problems in
+    `wrong`, whose every rewrite changes it; it records the problems of each batch it is asked."""
+
+    def __init__(self, wrong: set[str]):
+        self.wrong, self.batches = wrong, []
+
+    def ask(self, requests, parser, desc):
+        problems = [re.search(r"Training problem (\d+)", r.messages[-1]["content"]).group(1) for r in requests]
+        self.batches.append(sorted(set(problems), key=int))
+        return [Reply(r, f"Rewrite {r.sample}. \\boxed{{{int(p) + (p in self.wrong)}}}", None, None, 1)
+                for r, p in zip(requests, problems)]
+
+
+def test_sampled_refills_rejected_slots_with_new_ones_up_to_the_budget_exactly():
+    """Half the pool's rewrites are rejected, so the first batch falls short: the next batches take
+    new slots, just as many as are missing, until the budget is met (no slot twice, none over)."""
+    teacher = SlipTeacher(wrong={str(i) for i in range(0, 20, 2)})
+    answers = Answers(lambda: teacher, "rewrite", per_question=2)
+    data = inputs(train=pool(20))
+    pairs, stats = select.sampled(data, 12, random.Random(0), pool=data.train, answers=answers, rule="augment")
+    assert len(pairs) == 12 and len({(p["source"], p["answer"]) for p in pairs}) == 12
+    assert all(int(p["source"][1:]) % 2 and p["skills"] == data.skill_map[p["source"]] for p in pairs)
+    assert len(teacher.batches) > 1 and sum(map(len, teacher.batches)) == len(set().union(*teacher.batches))
+    # Every batch asks for at most the pairs still missing: 12 slots first, then fewer.
+    assert len(teacher.batches[0]) <= 12 and all(len(b) < 12 for b in teacher.batches[1:])
+    assert stats == {"pool": 20, "answers_per_question": 2,
+                     "rejected_rewrites": {"unparsed": 0, "wrong_answer": answers.rejected["wrong_answer"]}}
+    assert answers.rejected["wrong_answer"] == 2 * sum(int(p) % 2 == 0 for b in teacher.batches for p in b)
+
+    everything, stats = select.sampled(data, 100, random.Random(0), pool=data.train, answers=answers, rule="augment")
+    assert len(everything) == 20 and stats["exhausted"] == "every pair of the pool's 20 questions x 2 answers is used"
 
 
 # embed_sel and embed_syn with a ranking fixed by hand: difficult question v0's nearest training
