@@ -1,5 +1,6 @@
 """The teacher through litellm over HTTP, against the scripted local server."""
 
+import hashlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from stat_exp.config import TeacherConfig
 from stat_exp.pipeline import _teacher_identity
 from stat_exp.skills import label_questions
 from stat_exp.teacher.client import (BudgetExceeded, Reply, Request, Teacher, TeacherFailed, TeacherFatalError, Usage,
-                                     _cache_key, _cached_tokens, _key_variable, _retry_after, _short)
+                                     _api_key, _cache_key, _cached_tokens, _key_variable, _retry_after, _short)
 from stat_exp.teacher.parsers import ParseError
 from teacher_server import Faults, TeacherServer
 
@@ -176,6 +177,18 @@ def test_each_prompt_kind_goes_to_its_model_priced_and_cached_under_it(tmp_path,
         again = Teacher(cfg, tmp_path)
         again.ask([labelling, synthesis], lambda text: text)
         assert again.usage.cache_hits == 1 and server.bodies[-1]["model"] == "gpt-4.1" and server.requests == 3
+
+
+def test_a_plain_config_a_new_cache_folder_and_a_keyless_local_server(tmp_path, direct):
+    """The dataclass works as well as its OmegaConf form; the cache folder is made with its parents;
+    a local server without a key is sent vLLM's placeholder, and with neither api_base nor
+    api_key_env the key is left to the provider's own variable."""
+    with TeacherServer(lambda body: "fine") as server:
+        cfg = TeacherConfig(name="local", model="openai/test-teacher", api_base=server.url, direct_openai=direct)
+        teacher = Teacher(cfg, tmp_path / "new" / "cache")
+        assert [r.parsed for r in teacher.ask([labelling("q")], str)] == ["fine"]
+    assert server.api_keys == {"EMPTY"} and (tmp_path / "new" / "cache" / "teacher.sqlite").is_file()
+    assert _api_key(TeacherConfig(name="x", model="openai/gpt-4o-mini")) is None
 
 
 def test_a_misspelt_prompt_kind_in_models_is_named(tmp_path):
@@ -654,6 +667,16 @@ def test_cache_key_changes_with_everything_that_changes_the_answer():
     keys = [_cache_key(**(base | change)) for change in [{}, *variants]]
     assert len(set(keys)) == len(keys)
     assert _cache_key(**base) == _cache_key(**base)  # and the same request gets the same key
+
+
+def test_cache_keys_stay_what_earlier_versions_wrote():
+    """The key is the SHA-256 of the request's canonical JSON (keys sorted): a cache of paid answers
+    written by an earlier version is still found. Changing the format is a cache migration."""
+    request = Request("diagnosis", ({"role": "user", "content": "q"},), sample=1)
+    canonical = ('{"api_base": "http://a/v1", "attempt": 2, "messages": [{"content": "q", "role": "user"}], '
+                 '"model": "openai/m", "params": {"max_tokens": 16, "temperature": 0.5}, "sample": 1}')
+    key = _cache_key("openai/m", request, {"temperature": 0.5, "max_tokens": 16}, 2, api_base="http://a/v1")
+    assert key == hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def test_both_call_paths_send_a_model_the_parameters_it_takes(tmp_path):
