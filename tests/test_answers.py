@@ -92,3 +92,8 @@ def test_agreement_filter_keeps_a_group_of_min_agreement_and_drops_one_smaller(m
     others = ["other \\boxed{8}", "another \\boxed{9}"]
     assert agreeing_solutions([*agreeing, *others], min_agreement) == agreeing
     assert agreeing_solutions([*agreeing[1:], *others], min_agreement) == []
+
+
+def test_an_unknown_answers_mode_is_named():
+    with pytest.raises(ValueError, match="variant.answers must be reference, rewrite or both, got 'all'"):
+        Answers(None, "all", per_question=3)
