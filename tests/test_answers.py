@@ -97,3 +97,10 @@ def test_agreement_filter_keeps_a_group_of_min_agreement_and_drops_one_smaller(m
 def test_an_unknown_answers_mode_is_named():
     with pytest.raises(ValueError, match="variant.answers must be reference, rewrite or both, got 'all'"):
         Answers(None, "all", per_question=3)
+
+
+def test_every_unparsed_rewrite_is_counted(tmp_path):
+    with TeacherServer(lambda body: "Rewritten, but with no boxed answer.") as server:
+        source = Answers(lambda: teacher(server, tmp_path), "rewrite", per_question=3)
+        source.fetch(rows(2))
+    assert source.rejected == {"unparsed": 6, "wrong_answer": 0} and source.of(rows(2)[0], [], lineage("augment")) == []

@@ -1,15 +1,17 @@
 """The artifact store: keys, reuse, and atomic writes."""
 
+import hashlib
 import json
 import os
 import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from stat_exp import store as store_module
-from stat_exp.store import Store, acquire, lock_path, write_jsonl
+from stat_exp.store import Store, acquire, hash_key, lock_path, write_jsonl
 
 
 def make(store, calls, config=None, inputs=None, code=None, fail=False):
@@ -22,6 +24,15 @@ def make(store, calls, config=None, inputs=None, code=None, fail=False):
 
     return store.stage("demo", config=config or {"a": 1}, inputs=inputs or {}, code=code or {"demo.py": "1"},
                        compute=compute)
+
+
+def test_artifact_keys_stay_what_earlier_versions_wrote():
+    """A key is the first 16 hex digits of the SHA-256 of the payload's canonical JSON (keys
+    sorted, text unescaped, other objects as str): artifacts computed by an earlier version are
+    still found. Changing the format recomputes every stage."""
+    payload = {"subject": "Géométrie", "config": {"b": 2, "a": 1}, "path": Path("data/x.jsonl")}
+    canonical = '{"config": {"a": 1, "b": 2}, "path": "data/x.jsonl", "subject": "Géométrie"}'
+    assert hash_key(payload) == hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def test_computes_once_then_reuses(tmp_path):
