@@ -169,3 +169,13 @@ def test_close_releases_the_artifacts_the_store_used(tmp_path):
     fd = acquire(lock, exclusive=True, blocking=False)
     assert fd is not None
     os.close(fd)
+
+
+def test_lock_files_are_readable_and_not_executable(tmp_path):
+    """rw-r--r-- under the usual umask: another user's run in a shared outputs/ can take a shared lock."""
+    old = os.umask(0o022)
+    try:
+        os.close(acquire(tmp_path / "locks" / "a.use", exclusive=False))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "locks" / "a.use").stat().st_mode & 0o777 == 0o644
