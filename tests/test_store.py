@@ -26,13 +26,16 @@ def make(store, calls, config=None, inputs=None, code=None, fail=False):
                        compute=compute)
 
 
-def test_artifact_keys_stay_what_earlier_versions_wrote():
+def test_artifact_keys_stay_what_earlier_versions_wrote(tmp_path):
     """A key is the first 16 hex digits of the SHA-256 of the payload's canonical JSON (keys
     sorted, text unescaped, other objects as str): artifacts computed by an earlier version are
     still found. Changing the format recomputes every stage."""
     payload = {"subject": "Géométrie", "config": {"b": 2, "a": 1}, "path": Path("data/x.jsonl")}
     canonical = '{"config": {"a": 1, "b": 2}, "path": "data/x.jsonl", "subject": "Géométrie"}'
     assert hash_key(payload) == hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    stage_key = '{"code": {"demo.py": "c1"}, "config": {"a": 1}, "inputs": {"rows": "k1"}, "stage": "demo"}'
+    assert (Store(tmp_path).key("demo", {"a": 1}, {"rows": "k1"}, {"demo.py": "c1"})
+            == hashlib.sha256(stage_key.encode()).hexdigest()[:16])
 
 
 def test_computes_once_then_reuses(tmp_path):
@@ -179,3 +182,21 @@ def test_lock_files_are_readable_and_not_executable(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "locks" / "a.use").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_lock_file_unlinked_while_waiting_is_locked_anew(tmp_path, monkeypatch):
+    """`gc` removed the lock file between our open and our flock: the lock held is on a file no
+    one else can open, so acquire locks the file now at the path instead."""
+    path, flock = tmp_path / "a.build", store_module.fcntl.flock
+    unlinked = []
+
+    def flock_then_gc(fd, operation):
+        flock(fd, operation)
+        if not unlinked:
+            unlinked.append(os.fstat(fd).st_ino)
+            path.unlink()
+
+    monkeypatch.setattr(store_module.fcntl, "flock", flock_then_gc)
+    fd = acquire(path, exclusive=True)
+    assert unlinked and os.fstat(fd).st_ino == path.stat().st_ino
+    os.close(fd)
