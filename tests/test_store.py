@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -104,7 +105,8 @@ def test_each_use_is_recorded_with_its_run_folder(tmp_path):
     assert all(abs(u["time"] - time.time()) < 60 for u in uses)
 
 
-def test_a_second_process_waits_for_the_build_then_reuses_it(tmp_path):
+def test_a_second_process_waits_for_the_build_then_reuses_it(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=store_module.log.name)
     started, release, calls = threading.Event(), threading.Event(), []
 
     def slow(out):
@@ -125,7 +127,44 @@ def test_a_second_process_waits_for_the_build_then_reuses_it(tmp_path):
     release.set()
     builder.join(10)
     waiter.join(10)
-    assert len(calls) == 1 and [e.status for e in second.events] == ["reused"]
+    key = second.key("demo", {}, {}, {})
+    assert len(calls) == 1 and [(e.stage, e.key, e.status) for e in second.events] == [("demo", key, "reused")]
+    # Said once, by the one that waited.
+    waits = [m for m in caplog.messages if "another process" in m]
+    assert waits == [f"stage demo {key} is being computed by another process: waiting for it"]
+
+
+def test_after_a_failed_build_one_waiter_builds_while_the_other_waits(tmp_path):
+    """The build lock taken after waiting is exclusive too: of two processes that waited on a build
+    that then failed, one computes the stage and the other reuses it."""
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def failing(out):
+        started.set()
+        assert release.wait(10)
+        raise RuntimeError("killed halfway")
+
+    def slow(out):
+        calls.append(out)
+        time.sleep(0.3)  # long enough for the other waiter to reach its lock
+        write_jsonl(out / "rows.jsonl", [{"x": 1}])
+        return {}
+
+    builder = threading.Thread(target=lambda: pytest.raises(RuntimeError, Store(tmp_path).stage, "demo",
+                                                            config={}, code={}, compute=failing))
+    builder.start()
+    assert started.wait(10)
+    waiting = [Store(tmp_path), Store(tmp_path)]
+    waiters = [threading.Thread(target=s.stage, args=("demo",), kwargs=dict(config={}, code={}, compute=slow))
+               for s in waiting]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.3)
+    release.set()
+    for thread in [builder, *waiters]:
+        thread.join(10)
+    assert len(calls) == 1
+    assert sorted(e.status for s in waiting for e in s.events) == ["computed", "reused"]
 
 
 def test_an_artifact_stored_incomplete_by_older_code_is_removed_and_computed_again(tmp_path, caplog):
