@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from stat_exp import store as store_module
-from stat_exp.store import Store, acquire, hash_key, lock_path, write_jsonl
+from stat_exp.store import IncompleteArtifact, Store, acquire, hash_key, lock_path, write_jsonl
 
 
 def make(store, calls, config=None, inputs=None, code=None, fail=False):
@@ -50,7 +50,7 @@ def test_computes_once_then_reuses(tmp_path):
                                                                   ("demo", first.key, "reused")]
     assert second.stage == "demo" and second.path == first.path
     manifest = json.loads((first.path / "manifest.json").read_text())
-    assert manifest["config"] == {"a": 1} and manifest["stage"] == "demo"
+    assert manifest["config"] == {"a": 1} and manifest["stage"] == "demo" and manifest["key"] == first.key
 
 
 @pytest.mark.parametrize("change", [{"config": {"a": 2}}, {"inputs": {"up": "k2"}}, {"code": {"demo.py": "2"}}])
@@ -184,6 +184,23 @@ def test_an_artifact_stored_incomplete_by_older_code_is_removed_and_computed_aga
     # Complete now: reused.
     store.stage("demo", config={}, code={}, compute=compute, incomplete=lambda summary: None if summary["n"] else "no rows")
     assert [e.status for e in store.events] == ["computed", "computed", "reused"]
+
+
+def test_an_incomplete_output_is_never_stored(tmp_path):
+    store, sizes = Store(tmp_path), iter([0, 2])
+
+    def compute(out):
+        n = next(sizes)
+        write_jsonl(out / "rows.jsonl", [{"x": i} for i in range(n)])
+        return {"n": n}
+
+    def incomplete(summary):
+        return None if summary["n"] else "no rows"
+
+    with pytest.raises(IncompleteArtifact, match=r"^stage demo: no rows; nothing was stored$"):
+        store.stage("demo", config={}, code={}, compute=compute, incomplete=incomplete)
+    assert not any(p.name == store.key("demo", {}, {}, {}) for p in (tmp_path / "demo").iterdir())
+    assert store.stage("demo", config={}, code={}, compute=compute, incomplete=incomplete).summary == {"n": 2}
 
 
 def test_a_discard_killed_before_the_delete_leaves_a_trash_folder_and_no_artifact(tmp_path, monkeypatch):
