@@ -48,7 +48,7 @@ def test_computes_once_then_reuses(tmp_path):
     assert second.summary == {"n": 2}
     assert [(e.stage, e.key, e.status) for e in store.events] == [("demo", first.key, "computed"),
                                                                   ("demo", first.key, "reused")]
-    assert second.stage == "demo" and second.path == first.path
+    assert first.stage == second.stage == "demo" and second.path == first.path
     manifest = json.loads((first.path / "manifest.json").read_text())
     assert manifest["config"] == {"a": 1} and manifest["stage"] == "demo" and manifest["key"] == first.key
 
@@ -184,6 +184,33 @@ def test_an_artifact_stored_incomplete_by_older_code_is_removed_and_computed_aga
     # Complete now: reused.
     store.stage("demo", config={}, code={}, compute=compute, incomplete=lambda summary: None if summary["n"] else "no rows")
     assert [e.status for e in store.events] == ["computed", "computed", "reused"]
+
+
+def test_the_manifest_as_written(tmp_path):
+    """Readable JSON: indented, text unescaped, paths as strings, the time it was made and how long it took."""
+    def compute(out):
+        time.sleep(0.05)
+        return {"subject": "Géométrie"}
+
+    artifact = Store(tmp_path).stage("demo", config={"data": Path("d/x.jsonl")}, code={"demo.py": "1"},
+                                     compute=compute)
+    text = (artifact.path / "manifest.json").read_text()
+    manifest = json.loads(text)
+    assert text == json.dumps(manifest, indent=2, ensure_ascii=False) and "Géométrie" in text
+    assert manifest["config"] == {"data": "d/x.jsonl"} and manifest["summary"] == {"subject": "Géométrie"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", manifest["created"])
+    assert abs(time.mktime(time.strptime(manifest["created"], "%Y-%m-%dT%H:%M:%S")) - time.time()) < 60
+    seconds = manifest["seconds"]
+    assert isinstance(seconds, float) and 0.05 <= seconds < 2.5 and seconds == round(seconds, 3)
+
+
+def test_a_folder_left_without_a_manifest_is_replaced(tmp_path, caplog):
+    store = Store(tmp_path)
+    final = tmp_path / "demo" / store.key("demo", {"a": 1}, {}, {"demo.py": "1"})
+    (final / "half").mkdir(parents=True)
+    artifact = make(store, [])
+    assert artifact.path == final and sorted(p.name for p in final.iterdir()) == ["manifest.json", "rows.jsonl"]
+    assert f"replacing {final}: it has no manifest, so it was never completed" in caplog.messages
 
 
 def test_an_incomplete_output_is_never_stored(tmp_path):
