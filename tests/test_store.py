@@ -186,6 +186,27 @@ def test_an_artifact_stored_incomplete_by_older_code_is_removed_and_computed_aga
     assert [e.status for e in store.events] == ["computed", "computed", "reused"]
 
 
+@pytest.mark.parametrize("newest,changed", [(0, "a.py, b.py"), (1, "b.py")])
+def test_a_recompute_names_what_changed_since_the_newest_older_code(tmp_path, caplog, monkeypatch, newest, changed):
+    caplog.set_level(logging.INFO, logger=store_module.log.name)
+    store = Store(tmp_path)
+    older = [make(store, [], code={"a.py": "1", "b.py": "1"}), make(store, [], code={"a.py": "2", "b.py": "1"})]
+    for i, artifact in enumerate(older):
+        path = artifact.path / "manifest.json"
+        created = "2026-02-01T00:00:00" if i == newest else "2026-01-01T00:00:00"
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"created": created}))
+    # A manifest that `gc` renamed away after the glob listed it is skipped, not the end of the search.
+    glob = Path.glob
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: [self / "gone" / "manifest.json", *glob(self, pattern)])
+    current = make(store, [], code={"a.py": "2", "b.py": "2"})
+    event = store.events[-1]
+    assert (event.status, event.reason) == ("computed", f"code changed in {changed}")
+    assert isinstance(event.seconds, float) and 0 <= event.seconds < 60 and event.seconds == round(event.seconds, 3)
+    line = rf"stage demo       computed {current.key} \(\d+\.\ds\): code changed in {re.escape(changed)}"
+    assert re.fullmatch(line, caplog.messages[-1])
+    assert re.fullmatch(rf"stage demo       computed {older[0].key} \(\d+\.\ds\)", caplog.messages[0])
+
+
 def test_the_manifest_as_written(tmp_path):
     """Readable JSON: indented, text unescaped, paths as strings, the time it was made and how long it took."""
     def compute(out):
