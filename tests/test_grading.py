@@ -256,6 +256,25 @@ def test_grade_pool_matches_inline(mixed_answers):
     assert grade(golds, preds, workers=2, progress=False) == grade(golds, preds, progress=False)
 
 
+def test_a_pool_worker_builds_math_verify_before_its_first_answer(monkeypatch):
+    """The warm-up parses and verifies a real pair, so imports and parsers are done before any
+    answer's clock starts; each answer is then timed from its start, with the timeout it is given."""
+    calls, real = [], grading.verify_answer
+
+    def recording(gold, pred, timeout=5.0):
+        calls.append((gold, pred, timeout, real(gold, pred, timeout)))
+        return calls[-1][-1]
+
+    monkeypatch.setattr(grading, "verify_answer", recording)
+    started = multiprocessing.RawArray("d", 3)
+    monkeypatch.setattr(grading, "_started", None)
+    grading._init_worker(started)
+    assert grading._started is started and calls == [("1", "1", 5.0, True)]
+    before = time.time()
+    assert grading._verify_item(2, "5", "5", 0.5) and calls[-1] == ("5", "5", 0.5, True)
+    assert list(started[:2]) == [0.0, 0.0] and before <= started[2] <= time.time()
+
+
 def test_grade_pools_have_the_asked_workers_and_spawn_them(monkeypatch, mixed_answers):
     """`workers` processes, started by spawn: fork would copy the locks a caller's threads hold."""
     pools = []
