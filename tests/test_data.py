@@ -78,6 +78,13 @@ def test_baseline_lineage_is_its_rule():
                                        "agreeing": None, "rank": None, "similarity": None}
 
 
+def test_a_pair_is_the_chat_the_student_is_trained_on():
+    made = select.pair("Q?", "A.", source="t1", skills=("s",), origin="reference", why=select.lineage("train"))
+    assert made == {"question": "Q?", "answer": "A.", "source": "t1", "skills": ["s"], "origin": "reference",
+                    "messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}],
+                    "lineage": select.lineage("train")}
+
+
 def test_stat_sel_draws_only_questions_with_the_missing_skill():
     pairs, _ = build_training_data(inputs(), variant("sel", answers="reference"), budget=200, seed=1)
     for p in pairs:
