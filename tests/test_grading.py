@@ -275,28 +275,54 @@ def test_a_pool_worker_builds_math_verify_before_its_first_answer(monkeypatch):
     assert list(started[:2]) == [0.0, 0.0] and before <= started[2] <= time.time()
 
 
-def test_grade_pools_have_the_asked_workers_and_spawn_them(monkeypatch, mixed_answers):
-    """`workers` processes, started by spawn: fork would copy the locks a caller's threads hold."""
-    pools = []
+@pytest.fixture
+def pools(monkeypatch) -> list[tuple[int, str]]:
+    """(workers, start method) of each pool `grade` makes."""
+    made = []
 
     class RecordingPool(grading.ProcessPoolExecutor):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            pools.append((self._max_workers, self._mp_context.get_start_method()))
+            made.append((self._max_workers, self._mp_context.get_start_method()))
 
     monkeypatch.setattr(grading, "ProcessPoolExecutor", RecordingPool)
+    return made
+
+
+def test_grade_pools_have_the_asked_workers_and_spawn_them(pools, mixed_answers):
+    """`workers` processes, started by spawn: fork would copy the locks a caller's threads hold."""
     golds, preds = mixed_answers
     assert grade(golds[:3], preds[:3], workers=3, progress=False) == grade(golds[:3], preds[:3], progress=False)
     assert pools == [(3, "spawn")]
 
 
-def test_grade_from_a_thread_uses_pool(mixed_answers):
+def test_grade_from_a_thread_uses_a_pool_of_one(pools, mixed_answers):
     golds, preds = mixed_answers
     results = {}
     thread = threading.Thread(target=lambda: results.update(grades=grade(golds, preds, progress=False)))
     thread.start()
     thread.join()
-    assert results["grades"] == grade(golds, preds, progress=False)
+    assert results["grades"] == grade(golds, preds, progress=False) and pools == [(1, "spawn")]
+
+
+def test_inline_grading_gives_math_verify_the_timeout(monkeypatch):
+    timeouts = []
+    monkeypatch.setattr(grading, "verify_answer", lambda gold, pred, timeout=None: timeouts.append(timeout) or True)
+    grade(["1"], ["1"], timeout=2, progress=False)
+    grade(["1"], ["1"], progress=False)
+    assert timeouts == [2, 5.0]  # by default math-verify's own 5 s
+
+
+def test_grading_shows_progress_unless_told_not_to(capsys):
+    grade(["1", "2"], ["1", "3"])
+    assert "2/2" in capsys.readouterr().err
+    grade(["1", "2"], ["1", "3"], progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_negative_workers_are_named():
+    with pytest.raises(ValueError, match=r"^workers must be >= 0, got -1$"):
+        grade(["1"], ["1"], workers=-1)
 
 
 def test_grade_checks_lengths():
