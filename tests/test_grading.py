@@ -58,6 +58,7 @@ def test_extract_boxed(text, expected):
         ("90", r"90^\circ"),
         ("90", r"90^{\circ}"),
         (r"10\text{ cm}", "10"),
+        (r"\text{Evelyn}", "Evelyn"),
         (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),
         (r"3\,000", "3000"),
         (r"x\!+\!1", "x + 1"),

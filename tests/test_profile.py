@@ -45,6 +45,9 @@ def test_profile_counts_match_the_diagnoses_and_malformed_answers_are_kept(tmp_p
     assert diagnoses[2]["judge"] == "correct" and diagnoses[2]["skills"] == []
     assert diagnoses[3]["judge"] is None and diagnoses[3]["raw"] == DIAGNOSES[3] and diagnoses[3]["error"]
     assert missing_skill_profile(diagnoses) == {"factoring": 2, "linear_equations": 1, "quadratics": 1}
+    # Most missed first, ties by name; a skill named twice in one diagnosis counts once.
+    tied = [{"skills": ["b", "z", "b"]}, {"skills": ["z", "c"]}, {"skills": ["b", "a"]}]
+    assert list(missing_skill_profile(tied).items()) == [("b", 2), ("z", 2), ("a", 1), ("c", 1)]
 
     summary = profile_summary(diagnoses)
     assert summary["difficult"] == 5 and summary["judged_incorrect"] == 3 and summary["judged_correct"] == 1
