@@ -75,6 +75,7 @@ def test_strict_match_ignores_notation(gold, pred):
         ("27", "27.5"),
         ("27", "270"),
         ("2", "x=2"),
+        ("XIX", "XI"),  # only a final full stop is notation
         ("5", None),
         ("", ""),
     ],
