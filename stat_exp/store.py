@@ -48,13 +48,10 @@ def discard(path: Path, stage_dir: Path, key: str) -> None:
     shutil.rmtree(trash)
 
 
-def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
-    count = 0
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-    return count
 
 
 def read_jsonl(path: Path) -> list[dict]:

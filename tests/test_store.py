@@ -278,6 +278,11 @@ def test_close_releases_the_artifacts_the_store_used(tmp_path):
     os.close(fd)
 
 
+def test_rows_are_written_one_json_object_a_line_as_readable_utf8(tmp_path):
+    write_jsonl(tmp_path / "rows.jsonl", ({"problem": "Trouve x·y"} if i else {"n": i} for i in range(2)))
+    assert (tmp_path / "rows.jsonl").read_bytes() == '{"n": 0}\n{"problem": "Trouve x·y"}\n'.encode()
+
+
 def test_lock_files_are_readable_and_not_executable(tmp_path):
     """rw-r--r-- under the usual umask: another user's run in a shared outputs/ can take a shared lock."""
     old = os.umask(0o022)
