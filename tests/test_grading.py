@@ -42,6 +42,9 @@ def math500() -> list[dict]:
         (r"\boxed{\frac{1}{2}", None),
         (r"\boxed{3} then \boxed{4", None),
         (r"\boxedx{3}", None),
+        (r"$\boxed $ and nothing in it", None),
+        (r"the answer goes in a \boxed.", None),
+        (r"\boxed{\left\{ x \right.}", r"\left\{ x \right."),  # an escaped brace opens nothing
     ],
 )
 def test_extract_boxed(text, expected):
