@@ -206,7 +206,36 @@ def test_verify_answer_needs_main_thread():
     thread = threading.Thread(target=call)
     thread.start()
     thread.join()
-    assert len(errors) == 1
+    assert [str(e) for e in errors] == ["verify_answer needs the main thread (signal.alarm); use grade()"]
+
+
+def test_verify_answer_gives_math_verify_whole_seconds_of_at_least_one(monkeypatch):
+    """math-verify's alarms take whole seconds (a float is a TypeError it swallows): the timeout
+    is rounded up, at least 1 s, for both parses and the comparison; 5 s by default."""
+    import math_verify
+
+    seen, parse, verify = [], math_verify.parse, math_verify.verify
+
+    def parsing(text, parsing_timeout):
+        seen.append(parsing_timeout)
+        return parse(text, parsing_timeout=parsing_timeout)
+
+    def comparing(gold, pred, timeout_seconds):
+        seen.append(timeout_seconds)
+        return verify(gold, pred, timeout_seconds=timeout_seconds)
+
+    monkeypatch.setattr(math_verify, "parse", parsing)
+    monkeypatch.setattr(math_verify, "verify", comparing)
+    for timeout, seconds in [(0.2, 1), (2.5, 3), (None, 5)]:
+        seen.clear()
+        assert verify_answer("1", "1", *([timeout] if timeout else [])) and seen == [seconds] * 3
+
+
+def test_an_answer_math_verify_cannot_parse_is_logged_and_incorrect(caplog):
+    caplog.set_level(logging.DEBUG, logger=grading.__name__)
+    assert not verify_answer("", "1") and not verify_answer("1", "")
+    assert [r.getMessage() for r in caplog.records if r.name == grading.__name__] == [
+        "math-verify cannot parse the gold answer ''", "math-verify cannot parse the answer ''"]
 
 
 def test_math500_reference_answers_verify():
