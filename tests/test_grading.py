@@ -238,6 +238,24 @@ def test_an_answer_math_verify_cannot_parse_is_logged_and_incorrect(caplog):
         "math-verify cannot parse the gold answer ''", "math-verify cannot parse the answer ''"]
 
 
+@pytest.mark.parametrize("error", [ValueError("boom"), "timeout"])
+def test_an_error_inside_math_verify_is_logged_and_incorrect(monkeypatch, caplog, error):
+    """An error, or math-verify's own timeout (a BaseException), grades the answer incorrect."""
+    import math_verify
+    from math_verify.errors import TimeoutException
+
+    error = TimeoutException("alarm") if error == "timeout" else error
+
+    def failing(gold, pred, timeout_seconds):
+        raise error
+
+    monkeypatch.setattr(math_verify, "verify", failing)
+    caplog.set_level(logging.DEBUG, logger=grading.__name__)
+    assert verify_answer("1", "1") is False
+    assert [r.getMessage() for r in caplog.records if r.name == grading.__name__] == [
+        f"math-verify failed on '1' vs '1': {error!r}"]
+
+
 def test_math500_reference_answers_verify():
     """The last \\boxed{} of each reference solution is its gold answer, by math-verify."""
     rows = math500()
