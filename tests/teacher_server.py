@@ -19,7 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 Responder = Callable[[dict], str]  # request body -> assistant message content
-Refuser = Callable[[dict], int | None]  # request body -> an HTTP error status to answer with, or None
+# request body -> an HTTP error status to answer with (and its message), or None
+Refuser = Callable[[dict], int | tuple[int, str] | None]
 
 
 @dataclass
@@ -133,9 +134,10 @@ def _handler(server: TeacherServer):
                 retry_after = server.faults.retry_after if fault == "429" else None
                 headers = {"Retry-After": retry_after} if retry_after else {}
                 return self._send(int(fault), {"error": {"message": message, "type": "server_error"}}, headers)
-            status = server.refuse(body) if server.refuse else None
-            if status is not None:
-                return self._send(status, {"error": {"message": f"scripted error {status}", "type": "server_error"}})
+            refused = server.refuse(body) if server.refuse else None
+            if refused is not None:
+                status, message = refused if isinstance(refused, tuple) else (refused, f"scripted error {refused}")
+                return self._send(status, {"error": {"message": message, "type": "server_error"}})
             content = server.responder(body)
             with server._lock:
                 server.answered += 1

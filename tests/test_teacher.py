@@ -496,9 +496,10 @@ def test_a_call_slower_than_the_timeout_is_cut_and_fails(tmp_path, direct):
 
 
 def test_a_stage_over_max_failed_names_the_count_the_kind_and_an_example(tmp_path, direct, caplog):
-    def refuse(body: dict) -> int | None:
+    def refuse(body: dict) -> tuple[int, str] | None:
         prompt = body["messages"][-1]["content"]
-        return 500 if "Question 3 " in prompt or "Question 4 " in prompt else None
+        failing = [n for n in ("3", "4") if f"Question {n} " in prompt]
+        return (500, f"scripted error 500 on question {failing[0]}") if failing else None
 
     caplog.set_level(logging.DEBUG, logger="stat_exp.teacher.client")
     with TeacherServer(labeller, refuse=refuse) as server:
@@ -510,8 +511,13 @@ def test_a_stage_over_max_failed_names_the_count_the_kind_and_an_example(tmp_pat
     assert str(failed.value).startswith(f"2 of 6 teacher requests (labelling skills) failed after every retry: "
                                         f"2 x {example}. The 4 answered are cached")
     lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "stat_exp.teacher.client"]
-    failure = f"teacher request failed after 0 retries: {example.removeprefix('InternalServerError: ')}"
-    assert lines == [(logging.DEBUG, failure)] * 2 + [
+    # Counted by kind, the first one's message the example: the two messages differ by the question.
+    detail = example.removeprefix("InternalServerError: ")
+    swap = {"question 3": "question 4", "question 4": "question 3"}
+    other = re.sub(r"question [34]", lambda m: swap[m.group()], detail)
+    assert other != detail and sorted(lines[:2]) == sorted(
+        (logging.DEBUG, f"teacher request failed after 0 retries: {d}") for d in (detail, other))
+    assert lines[2:] == [
         (logging.WARNING, f"labelling skills: 2 of 6 requests failed after every retry: 2 x {example}")]
     assert teacher.usage.failed == 2 and teacher.usage.errors == {"InternalServerError": 2}
 
