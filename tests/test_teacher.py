@@ -522,6 +522,21 @@ def test_a_stage_over_max_failed_names_the_count_the_kind_and_an_example(tmp_pat
     assert teacher.usage.failed == 2 and teacher.usage.errors == {"InternalServerError": 2}
 
 
+def test_failures_of_several_kinds_are_warned_most_frequent_first(tmp_path, direct, caplog):
+    def refuse(body: dict) -> int | None:
+        prompt = body["messages"][-1]["content"]
+        return 500 if "Question 1 " in prompt or "Question 2 " in prompt else 429 if "Question 3 " in prompt else None
+
+    caplog.set_level(logging.WARNING, logger="stat_exp.teacher.client")
+    with TeacherServer(labeller, refuse=refuse) as server:
+        teacher = Teacher(teacher_config(server, direct_openai=direct, max_retries=0, max_failed=3), tmp_path)
+        label_questions(teacher, questions(6), CATALOGUE, max_skills=5)
+    examples = teacher.error_examples
+    assert [r.getMessage() for r in caplog.records if r.name == "stat_exp.teacher.client"] == [
+        f"labelling skills: 3 of 6 requests failed after every retry: 2 x {examples['InternalServerError']}; "
+        f"1 x {examples['RateLimitError']}"]
+
+
 def test_litellm_stays_quiet_its_banners_and_per_call_lines_off(tmp_path, capsys, caplog):
     import litellm  # noqa: F401  (what it logs while importing is not a call's)
 
