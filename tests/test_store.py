@@ -167,22 +167,31 @@ def test_after_a_failed_build_one_waiter_builds_while_the_other_waits(tmp_path):
     assert sorted(e.status for s in waiting for e in s.events) == ["computed", "reused"]
 
 
-def test_an_artifact_stored_incomplete_by_older_code_is_removed_and_computed_again(tmp_path, caplog):
-    store, sizes = Store(tmp_path), iter([0, 2])
+def rows_of_sizes(*sizes: int):
+    """A compute that writes `sizes[i]` rows on its i-th call, and says how many."""
+    left = iter(sizes)
 
     def compute(out):
-        n = next(sizes)
+        n = next(left)
         write_jsonl(out / "rows.jsonl", [{"x": i} for i in range(n)])
         return {"n": n}
 
+    return compute
+
+
+def no_rows(summary: dict) -> str | None:
+    return None if summary["n"] else "no rows"
+
+
+def test_an_artifact_stored_incomplete_by_older_code_is_removed_and_computed_again(tmp_path, caplog):
+    store, compute = Store(tmp_path), rows_of_sizes(0, 2)
     first = store.stage("demo", config={}, code={}, compute=compute)  # older code: no completeness check
-    again = store.stage("demo", config={}, code={}, compute=compute,
-                        incomplete=lambda summary: None if summary["n"] else "no rows")
+    again = store.stage("demo", config={}, code={}, compute=compute, incomplete=no_rows)
     assert again.summary == {"n": 2} and again.rows() == [{"x": 0}, {"x": 1}]
     assert f"stage demo {first.key}: the stored artifact is incomplete (no rows); computing it again" in caplog.messages
     assert [p.name for p in (tmp_path / "demo").iterdir()] == [first.key]  # nothing of the old copy is left
     # Complete now: reused.
-    store.stage("demo", config={}, code={}, compute=compute, incomplete=lambda summary: None if summary["n"] else "no rows")
+    store.stage("demo", config={}, code={}, compute=compute, incomplete=no_rows)
     assert [e.status for e in store.events] == ["computed", "computed", "reused"]
 
 
@@ -235,20 +244,11 @@ def test_a_folder_left_without_a_manifest_is_replaced(tmp_path, caplog):
 
 
 def test_an_incomplete_output_is_never_stored(tmp_path):
-    store, sizes = Store(tmp_path), iter([0, 2])
-
-    def compute(out):
-        n = next(sizes)
-        write_jsonl(out / "rows.jsonl", [{"x": i} for i in range(n)])
-        return {"n": n}
-
-    def incomplete(summary):
-        return None if summary["n"] else "no rows"
-
+    store, compute = Store(tmp_path), rows_of_sizes(0, 2)
     with pytest.raises(IncompleteArtifact, match=r"^stage demo: no rows; nothing was stored$"):
-        store.stage("demo", config={}, code={}, compute=compute, incomplete=incomplete)
+        store.stage("demo", config={}, code={}, compute=compute, incomplete=no_rows)
     assert not any(p.name == store.key("demo", {}, {}, {}) for p in (tmp_path / "demo").iterdir())
-    assert store.stage("demo", config={}, code={}, compute=compute, incomplete=incomplete).summary == {"n": 2}
+    assert store.stage("demo", config={}, code={}, compute=compute, incomplete=no_rows).summary == {"n": 2}
 
 
 def test_a_discard_killed_before_the_delete_leaves_a_trash_folder_and_no_artifact(tmp_path, monkeypatch):
