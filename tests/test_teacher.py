@@ -597,6 +597,25 @@ def test_only_models_litellm_sends_to_openai_take_the_sdk_path(tmp_path, sdk_cli
         assert len(sdk_clients) == 2 and [r.parsed for r in replies] == ["a", "a"] and server.requests == 4
 
 
+def test_a_bare_model_at_a_provider_litellm_knows_by_its_api_base_goes_through_litellm(tmp_path, monkeypatch,
+                                                                                        sdk_clients):
+    """litellm reads Groq from teacher.api_base: its model takes litellm's Groq route, not the OpenAI SDK."""
+    import litellm
+
+    groq = "https://api.groq.com/openai/v1"
+    calls = []
+    real = litellm.acompletion
+
+    async def offline(**kwargs):  # litellm's own mock answer: nothing leaves this machine
+        calls.append((kwargs["model"], kwargs["api_base"]))
+        return await real(**kwargs, mock_response="a")
+
+    monkeypatch.setattr(litellm, "acompletion", offline)
+    cfg = OmegaConf.structured(TeacherConfig(name="groq", model="llama-3.1-8b-instant", api_base=groq, timeout=5))
+    replies = Teacher(cfg, tmp_path).ask([labelling()], str)
+    assert [r.parsed for r in replies] == ["a"] and calls == [("llama-3.1-8b-instant", groq)] and sdk_clients == []
+
+
 def test_the_cli_prints_a_fatal_teacher_error_as_one_line(tmp_path):
     data = tmp_path / "data"
     (data / "math").mkdir(parents=True)
