@@ -1,7 +1,6 @@
 import json
 import multiprocessing
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import slurm_cluster
 from helpers import compose_config
 
 from stat_exp import pipeline
@@ -50,8 +50,13 @@ def test_several_nodes_take_rank_address_and_port_from_slurm() -> None:
     assert node0[1:4] == ["--node_rank=0", "--master_addr=gpu07", "--master_port=29500"]
 
 
-needs_scontrol = pytest.mark.skipif(shutil.which("scontrol") is None,
-                                    reason="needs SLURM's scontrol (Debian: slurm-client)")
+@pytest.fixture
+def scontrol() -> None:
+    """SLURM's client, installed as the cluster tests install it (a fresh machine has none)."""
+    try:
+        slurm_cluster.ensure_packages()
+    except slurm_cluster.Unavailable as why:
+        slurm_cluster.skip_or_fail(why)
 
 
 def scontrol_conf(folder: Path) -> Path:
@@ -62,7 +67,8 @@ def scontrol_conf(folder: Path) -> Path:
     return conf
 
 
-@needs_scontrol
+@pytest.mark.slurm
+@pytest.mark.usefixtures("scontrol")
 def test_the_main_address_is_the_first_host_scontrol_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURM_CONF", str(scontrol_conf(tmp_path)))
     assert slurm_hostnames("gpu[07-08],cpu3") == ["gpu07", "gpu08", "cpu3"]
@@ -143,7 +149,8 @@ def test_grpo_trains_in_two_cpu_ranks(tiny_model_dir: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.distributed
-@needs_scontrol
+@pytest.mark.slurm
+@pytest.mark.usefixtures("scontrol")
 def test_two_nodes_on_one_host_train_as_two_ranks(tiny_model_dir: Path, tmp_path: Path) -> None:
     """What `srun` starts on each node of a 2-node job, run here twice with each node's SLURM environment."""
     with socket.socket() as probe:  # a free port for the rendezvous
